@@ -1,0 +1,56 @@
+"""Experts measure; they know nothing of the assistant. Each expert is one module plus one
+`register_expert(...)` line below: the CLI, the report, tool schemas, the UI and `forensics eval`
+discover it from the registry."""
+
+from experts.base import (
+    Analysis,
+    Driver,
+    Evidence,
+    Expert,
+    ExpertError,
+    ForensicsError,
+    ImageFacts,
+    InvalidImageError,
+    ModelNotAvailableError,
+    Region,
+    UnknownExpertError,
+    Verdict,
+)
+from experts.copy_move import CopyMove
+from experts.ela import ErrorLevelAnalysis
+from experts.frequency import FrequencyFingerprint
+from experts.image import LoadedImage, load_image
+from experts.jpeg import JpegCompression
+from experts.metadata import MetadataExpert
+from experts.noise import NoiseInconsistency
+from experts.registry import available_experts, expert_class, get_expert, register_expert
+from experts.runner import run_experts
+
+register_expert(ErrorLevelAnalysis)
+register_expert(NoiseInconsistency)
+register_expert(JpegCompression)
+register_expert(CopyMove)
+register_expert(MetadataExpert)
+register_expert(FrequencyFingerprint)
+
+__all__ = [
+    "Analysis",
+    "Driver",
+    "Evidence",
+    "Expert",
+    "ExpertError",
+    "ForensicsError",
+    "ImageFacts",
+    "InvalidImageError",
+    "LoadedImage",
+    "ModelNotAvailableError",
+    "Region",
+    "UnknownExpertError",
+    "Verdict",
+    "available_experts",
+    "expert_class",
+    "get_expert",
+    "load_image",
+    "register_expert",
+    "run_experts",
+]

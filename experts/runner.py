@@ -1,0 +1,68 @@
+"""run_experts(): runs experts on an image, times them, and caches results per
+(image sha256, expert, version, parameters) so follow-up questions cost nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from experts.base import Evidence, ExpertError, not_applicable
+from experts.image import ImageInput, LoadedImage, load_image
+from experts.registry import available_experts, get_expert
+
+log = logging.getLogger(__name__)
+
+_CACHE: OrderedDict[tuple, Evidence] = OrderedDict()
+CACHE_SIZE = 256
+
+
+def run_expert(image: LoadedImage, name: str, params: Mapping[str, Any] | None = None) -> Evidence:
+    """One expert on one image. An ExpertError (the expert refuses this image) or an unexpected
+    failure becomes non-applicable evidence that says what went wrong; it is logged, not hidden."""
+    params = dict(params or {})
+    expert = get_expert(name, **params)
+    key = (image.sha256, name, expert.version, tuple(sorted(params.items())))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    start = time.perf_counter()
+    try:
+        evidence = expert.analyze(image)
+    except ExpertError as exc:
+        evidence = not_applicable(name, str(exc), expert.version)
+    except MemoryError as exc:
+        raise ExpertError(f"{name}: out of memory on a {image.width}x{image.height} image") from exc
+    except Exception as exc:
+        log.exception("expert %s failed on %s", name, image.source)
+        evidence = not_applicable(
+            name,
+            f"{name} failed on this image ({type(exc).__name__}: {exc})",
+            expert.version,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    evidence = dataclasses.replace(
+        evidence, seconds=round(time.perf_counter() - start, 4), version=expert.version
+    )
+    _CACHE[key] = evidence
+    if len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return evidence
+
+
+def run_experts(
+    image: ImageInput | LoadedImage,
+    names: Iterable[str] | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[Evidence, ...]:
+    """Run the named experts (default: all registered) and return their evidence in order."""
+    loaded = image if isinstance(image, LoadedImage) else load_image(image)
+    params = params or {}
+    return tuple(run_expert(loaded, name, params.get(name)) for name in (names or available_experts()))
+
+
+def clear_cache() -> None:
+    _CACHE.clear()

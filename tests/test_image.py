@@ -1,0 +1,269 @@
+"""load_image: every input kind, every format, odd colour modes, and every bad input's exact error."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from experts.base import InvalidImageError
+from experts.image import load_image, orient
+
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_every_supported_format_loads_at_its_size(fmt):
+    image = load_image(encode(Image.fromarray(PIXELS), fmt))
+    assert image.format == fmt
+    assert image.pixels.shape == (48, 64, 3) and image.pixels.dtype == np.uint8
+    assert len(image.sha256) == 64 and image.data
+
+
+def test_lossless_formats_keep_exact_pixels():
+    for fmt in ("PNG", "TIFF", "BMP"):
+        assert np.array_equal(load_image(encode(Image.fromarray(PIXELS), fmt)).pixels, PIXELS)
+
+
+def test_path_bytes_pil_and_array_inputs_agree(tmp_path):
+    data = encode(Image.fromarray(PIXELS), "PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    loaded = [
+        load_image(path),
+        load_image(str(path)),
+        load_image(data),
+        load_image(Image.open(path)),
+        load_image(PIXELS),
+    ]
+    for image in loaded:
+        assert np.array_equal(image.pixels, PIXELS)
+    assert loaded[0].sha256 == loaded[2].sha256
+    assert loaded[0].source == str(path)
+
+
+def test_array_kinds():
+    assert load_image(PIXELS[..., 0]).pixels.shape == (48, 64, 3)
+    floats = load_image(PIXELS.astype(np.float32) / 255)
+    assert np.abs(floats.pixels.astype(int) - PIXELS).max() <= 1
+    assert load_image(PIXELS.astype(np.uint16) << 8).pixels.shape == (48, 64, 3)
+    rgba = np.dstack([PIXELS, np.full((48, 64), 128, np.uint8)])
+    assert load_image(rgba).alpha is not None
+
+
+def test_jpeg_keeps_quantisation_tables_and_subsampling():
+    image = load_image(encode(Image.fromarray(PIXELS), "JPEG", quality=75, subsampling=2))
+    assert image.is_jpeg
+    assert image.quantization[0][0].tolist() == [8, 6, 5, 8, 12, 20, 26, 31]  # IJG q75, natural order
+    assert image.quantization[0].shape == (8, 8) and 1 in image.quantization
+    assert image.subsampling == "4:2:0"
+
+
+def test_exif_is_kept_and_orientation_applied_only_for_display():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    exif[0x010F] = "Canon"
+    exif[0x0131] = "Adobe Photoshop 25.0"
+    data = encode(Image.fromarray(PIXELS), "JPEG", exif=exif.tobytes())
+    image = load_image(data)
+    assert image.orientation == 6
+    assert image.exif["Make"] == "Canon" and image.exif["Software"] == "Adobe Photoshop 25.0"
+    assert image.pixels.shape == (48, 64, 3)  # raw grid for forensics
+    assert image.display.shape == (64, 48, 3)  # as a viewer shows it
+    from PIL import ImageOps
+
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert np.array_equal(image.display, expected)
+    assert any("orientation 6" in note for note in image.notes)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pil_for_all_eight_orientations(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(PIXELS), "PNG", exif=exif.tobytes())
+    from PIL import ImageOps
+
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert np.array_equal(orient(PIXELS, orientation), expected)
+
+
+def test_png_text_chunks_and_xmp_are_kept():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat, Steps: 20, Sampler: Euler a")
+    info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>CreatorTool=GIMP</x:xmpmeta>")
+    image = load_image(encode(Image.fromarray(PIXELS), "PNG", pnginfo=info))
+    assert image.text_chunks["parameters"].startswith("a cat")
+    assert "GIMP" in image.xmp
+
+
+def test_metadata_text_is_sanitised():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "ok\x1b[31mred\x00" + "x" * 10_000)
+    image = load_image(encode(Image.fromarray(PIXELS), "PNG", pnginfo=info))
+    comment = image.text_chunks["Comment"]
+    assert "\x1b" not in comment and "\x00" not in comment
+    assert len(comment) < 4200 and "more chars" in comment
+
+
+def test_cmyk_is_converted():
+    data = encode(Image.fromarray(PIXELS).convert("CMYK"), "JPEG")
+    image = load_image(data)
+    assert image.mode == "CMYK" and image.pixels.shape == (48, 64, 3)
+    assert any("CMYK" in note for note in image.notes)
+
+
+def test_16_bit_png_is_reduced_to_8_bits():
+    gray16 = (RNG.integers(0, 65536, (20, 30))).astype(np.uint16)
+    data = encode(Image.fromarray(gray16), "PNG")
+    image = load_image(data)
+    assert image.bit_depth == 16 and image.pixels.dtype == np.uint8
+    assert abs(int(image.pixels[0, 0, 0]) - round(int(gray16[0, 0]) * 255 / 65535)) <= 1
+    assert any("16-bit" in note for note in image.notes)
+
+
+def test_palette_and_alpha():
+    palette = Image.fromarray(PIXELS).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    image = load_image(encode(palette, "PNG"))
+    assert image.pixels.shape == (48, 64, 3) and any("palette" in n for n in image.notes)
+    rgba = Image.fromarray(np.dstack([PIXELS, np.full((48, 64), 10, np.uint8)]))
+    image = load_image(encode(rgba, "PNG"))
+    assert image.alpha is not None and np.array_equal(image.pixels, PIXELS)
+    assert any("transparency" in n for n in image.notes)
+
+
+def test_gif_first_frame_is_analysed_and_said():
+    frames = [Image.fromarray(np.full((10, 10, 3), v, np.uint8)) for v in (0, 128, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    image = load_image(buffer.getvalue())
+    assert image.frames == 3
+    assert image.pixels.max() == 0  # first frame
+    assert "GIF with 3 frames: only the first frame is analysed" in image.notes
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_empty_bytes():
+    with pytest.raises(InvalidImageError, match=r"^<bytes>: the file is empty \(0 bytes\)$"):
+        load_image(b"")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(InvalidImageError, match="empty.jpg: the file is empty"):
+        load_image(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InvalidImageError, match="nope.png: no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_folder_is_not_an_image(tmp_path):
+    with pytest.raises(InvalidImageError, match="is a folder, not an image file"):
+        load_image(tmp_path)
+
+
+def test_non_image_bytes():
+    with pytest.raises(InvalidImageError, match=r"^<bytes>: not a supported image \(the bytes are not JPEG"):
+        load_image(b"%PDF-1.4 this is a text document, not an image")
+
+
+def test_unsupported_format_is_refused():
+    data = encode(Image.fromarray(PIXELS), "ICO")
+    with pytest.raises(InvalidImageError, match="not a supported image"):
+        load_image(data)
+
+
+def test_truncated_jpeg():
+    data = encode(Image.fromarray(PIXELS), "JPEG", quality=90)
+    with pytest.raises(InvalidImageError, match=r"^<bytes>: the image data is truncated"):
+        load_image(data[: len(data) // 2])
+
+
+def test_truncated_png():
+    data = encode(Image.fromarray(PIXELS), "PNG")
+    with pytest.raises(InvalidImageError, match="the image data is (truncated|corrupt)"):
+        load_image(data[: len(data) - 40])
+
+
+def test_corrupt_jpeg_data():
+    data = bytearray(encode(Image.fromarray(PIXELS), "JPEG", quality=90))
+    data[2:40] = b"\xff" * 38  # destroy the headers after SOI
+    with pytest.raises(
+        InvalidImageError, match=r"^<bytes>: starts like a JPEG file but its header is corrupt"
+    ):
+        load_image(bytes(data))
+
+
+def test_corrupt_png_crc():
+    data = bytearray(encode(Image.fromarray(PIXELS), "PNG"))
+    data[12:30] = bytes(18)  # wipe the IHDR chunk
+    with pytest.raises(
+        InvalidImageError, match=r"^<bytes>: starts like a PNG file but its header is corrupt"
+    ):
+        load_image(bytes(data))
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring a huge image, with a tiny compressed body."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    row = b"\x00" + bytes(width)
+    body = zlib.compress(row * 16, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_with_a_limit_the_user_can_raise():
+    bomb = _bomb_png(100_000, 100_000)
+    with pytest.raises(
+        InvalidImageError,
+        match=r"declared size of 10,000,000,000 pixels is over the limit "
+        r"of 50,000,000 pixels \(a possible decompression bomb\)",
+    ):
+        load_image(bomb)
+    with pytest.raises(InvalidImageError, match="over the limit of 1,000 pixels"):
+        load_image(_bomb_png(100, 100), max_pixels=1_000)
+
+
+def test_size_limit_env_var(monkeypatch):
+    monkeypatch.setenv("FORENSICS_MAX_PIXELS", "100")
+    with pytest.raises(InvalidImageError, match="over the limit of 100 pixels"):
+        load_image(PIXELS)
+
+
+def test_byte_limit():
+    with pytest.raises(InvalidImageError, match="over the 10-byte limit"):
+        load_image(encode(Image.fromarray(PIXELS), "PNG"), max_bytes=10)
+
+
+def test_bad_arrays_and_types():
+    with pytest.raises(InvalidImageError, match=r"must be HxW, HxWx3 or HxWx4, not shape \(4, 4, 2\)"):
+        load_image(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(InvalidImageError, match="the array has no pixels"):
+        load_image(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(InvalidImageError, match="NaN or infinity"):
+        load_image(np.full((4, 4), np.nan, np.float32))
+    with pytest.raises(InvalidImageError, match="cannot load an image from int"):
+        load_image(42)
+
+
+def test_one_pixel_image_loads():
+    image = load_image(encode(Image.fromarray(PIXELS[:1, :1]), "PNG"))
+    assert (image.width, image.height) == (1, 1)
