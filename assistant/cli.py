@@ -110,7 +110,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 analysis = analyze(image, args.experts)
             except ForensicsError as exc:
                 failures += 1
-                print(f"forensics: {exc}", file=sys.stderr)
+                progress.write(f"forensics: {exc}", file=sys.stderr)
                 _append(results_file, {"path": label, "error": str(exc)})
                 continue
             folder = args.out / _folder_name(label, image, used_dirs) if args.out else None

@@ -195,7 +195,8 @@ def render_html(report: dict, out_dir: Path) -> str:
 .badge{{display:inline-block;padding:.3em .8em;border-radius:1em;color:#fff;font-weight:600}}
 .authentic{{background:#2e7d32}}.uncertain{{background:#f9a825}}
 .manipulated,.ai_generated{{background:#c62828}}
-table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:.5em;vertical-align:top}}
+table{{border-collapse:collapse;width:100%}}
+td,th{{border-bottom:1px solid #ddd;padding:.5em;vertical-align:top}}
 img{{max-width:100%}}</style></head><body>
 <h1>Forensic report</h1>
 <p><b>{esc(report["image"]["path"])}</b> · {esc(report["image"]["format"])} ·

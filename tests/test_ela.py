@@ -1,0 +1,136 @@
+"""Error level analysis: finds the synthetic forgeries' masks, stays quiet on untouched photos, and
+handles awkward inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experts import samples
+from experts.ela import ErrorLevelAnalysis, estimate_jpeg_quality, resave_error
+from experts.image import load_image
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def expert() -> ErrorLevelAnalysis:
+    return ErrorLevelAnalysis()
+
+
+@pytest.fixture(scope="module")
+def splice_result(expert):
+    sample = samples.splice()
+    return sample, expert.analyze(load_image(sample.data))
+
+
+def test_finds_the_spliced_region(splice_result):
+    sample, evidence = splice_result
+    assert _iou(evidence.mask, sample.mask) >= 0.6
+    assert evidence.score >= 0.5
+    assert evidence.details["region_error_ratio"] > 2.0
+    # The host was a quality-70 JPEG: the re-save should find that earlier compression.
+    assert evidence.details["resave_quality"] == 70
+    assert "x the error of the rest of the image" in evidence.summary
+
+
+def test_finds_the_copied_region(expert):
+    sample = samples.copy_move()
+    evidence = expert.analyze(load_image(sample.data))
+    assert _iou(evidence.mask, sample.mask) >= 0.35
+
+
+def test_authentic_photo_scores_low_and_below_the_forgery(expert, splice_result):
+    evidence = expert.analyze(load_image(samples.authentic().data))
+    assert evidence.score < 0.2
+    assert evidence.score < splice_result[1].score
+    assert evidence.mask.mean() < 0.05
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee", "astronaut"])
+def test_untouched_photos_are_not_accused(expert, name):
+    from skimage import data
+
+    pixels = getattr(data, name)()
+    for encoded in (_png(pixels), _jpeg(pixels, 85)):
+        evidence = expert.analyze(load_image(encoded))
+        assert evidence.score < 0.5, (name, evidence.summary)
+
+
+def test_contract_shapes_types_and_determinism(expert, splice_result):
+    sample, evidence = splice_result
+    image = load_image(sample.data)
+    assert evidence.applicable
+    assert evidence.heatmap.dtype == np.float32 and evidence.heatmap.shape == (image.height, image.width)
+    assert evidence.mask.dtype == bool and evidence.mask.shape == (image.height, image.width)
+    assert evidence.heatmap.min() >= 0.0 and evidence.heatmap.max() <= 1.0
+    json.dumps(evidence.details)  # plain JSON types only
+    again = expert.analyze(image)
+    assert again.score == evidence.score
+    assert np.array_equal(again.heatmap, evidence.heatmap) and np.array_equal(again.mask, evidence.mask)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (20, 300)])
+def test_too_small_is_not_applicable(expert, size):
+    evidence = expert.analyze(load_image(np.full((*size, 3), 128, np.uint8)))
+    assert not evidence.applicable and evidence.score is None
+    assert "too small" in evidence.summary
+
+
+def test_graphic_with_few_colours_is_not_applicable(expert):
+    pixels = np.zeros((200, 300, 3), np.uint8)
+    pixels[50:150, 100:200] = 255
+    evidence = expert.analyze(load_image(_png(pixels)))
+    assert not evidence.applicable
+    assert "few distinct colours" in evidence.summary
+
+
+def test_grayscale_and_odd_sized_images_work(expert):
+    from skimage import data
+
+    pixels = data.camera()[:301, :457]  # grayscale, not a multiple of 8
+    evidence = expert.analyze(load_image(_jpeg(pixels, 80)))
+    assert evidence.applicable and evidence.heatmap.shape == pixels.shape
+
+
+def test_large_image_maps_come_back_at_original_size(expert):
+    from skimage import data
+
+    pixels = np.tile(data.astronaut(), (4, 6, 1))  # 2048 x 3072, over the 2-megapixel map limit
+    evidence = expert.analyze(load_image(_jpeg(pixels, 90)))
+    assert evidence.heatmap.shape == pixels.shape[:2] and evidence.mask.shape == pixels.shape[:2]
+
+
+@pytest.mark.parametrize("quality", [50, 75, 90, 97])
+def test_estimates_the_quality_of_a_libjpeg_file(quality):
+    from skimage import data
+
+    image = load_image(_jpeg(data.coffee(), quality))
+    assert estimate_jpeg_quality(image.quantization[0]) == quality
+
+
+def test_resave_at_the_files_own_quality_changes_little():
+    from skimage import data
+
+    image = load_image(_jpeg(data.coffee(), 80))
+    # Near-idempotent only if the re-save uses the same colour transform (RGB/BGR order) as the file.
+    assert resave_error(image.pixels, 80).mean() < 0.3
+    assert resave_error(image.pixels, 60).mean() > 10 * resave_error(image.pixels, 80).mean()
