@@ -129,7 +129,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _progress(inputs: list, disable: bool):
     from tqdm import tqdm
 
-    return tqdm(inputs, unit="image", disable=disable, file=sys.stderr)
+    return tqdm(inputs, unit="image", disable=True if disable else None, file=sys.stderr)
 
 
 def _folder_name(label: str, image: LoadedImage, used: set[str]) -> str:

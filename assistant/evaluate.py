@@ -297,7 +297,9 @@ def evaluate(
     errors: list[dict[str, str]] = []
     probe: list[LoadedImage] = []
     empty_masks = 0
-    for item in tqdm(items, desc="forensics eval", unit="image", disable=not progress, file=sys.stderr):
+    for item in tqdm(
+        items, desc="forensics eval", unit="image", disable=None if progress else True, file=sys.stderr
+    ):
         try:
             original = load_image(item.file)
             image = transform_image(original, jpeg_quality, resize)

@@ -236,8 +236,9 @@ class NoiseInconsistency:
                 region_direction=direction,
                 region_fraction=round(float(inside.mean()), 4),
             )
+            which = "marked region" if score >= 0.5 else "most unusual region"
             what = (
-                f"The marked region's noise level is {ratio_phrase(raw_ratio)} that of the rest of the image "
+                f"The {which}'s noise level is {ratio_phrase(raw_ratio)} that of the rest of the image "
                 f"({ratio_phrase(ratio)} after allowing for its brightness and texture: {direction})"
             )
             if score >= 0.5:
