@@ -66,6 +66,7 @@ from assistant.metrics import (
     pixel_scores,
 )
 from experts.base import Analysis, Evidence, ForensicsError
+from experts.fusion import UNCERTAIN_BAND
 from experts.image import LoadedImage, load_image
 from experts.registry import available_experts, get_expert
 
@@ -437,7 +438,39 @@ def summarize(records: Sequence[ImageRecord], names: Sequence[str]) -> dict[str,
             "median_seconds": finite_or_none(np.median(seconds)) if seconds else None,
             "peak_mb": None,
         }
+    metrics[FUSED]["verdicts"] = verdict_counts(records)
     return metrics
+
+
+def verdict_counts(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
+    """How the fused verdict labelled the authentic and the fake images: a label above the uncertain
+    band on an authentic image is a false accusation."""
+    low, high = UNCERTAIN_BAND
+    counts = {
+        "negative": {"authentic": 0, "uncertain": 0, "accused": 0},
+        "positive": {"authentic": 0, "uncertain": 0, "accused": 0},
+    }
+    for record in records:
+        probability = record.scores.get(FUSED) or 0.0
+        label = "authentic" if probability < low else "uncertain" if probability <= high else "accused"
+        counts["positive" if record.item.positive else "negative"][label] += 1
+    return counts
+
+
+def verdict_line(counts: dict[str, dict[str, int]]) -> str:
+    negative, positive = counts["negative"], counts["positive"]
+    parts = []
+    if sum(negative.values()):
+        parts.append(
+            f"authentic images: {negative['accused']} falsely accused (labelled manipulated or "
+            f"AI-generated), {negative['uncertain']} uncertain, {negative['authentic']} authentic"
+        )
+    if sum(positive.values()):
+        parts.append(
+            f"fake images: {positive['accused']} caught, {positive['uncertain']} uncertain, "
+            f"{positive['authentic']} missed"
+        )
+    return "Fused verdicts: " + "; ".join(parts) + "."
 
 
 def _pixel_summary(scores: Sequence[PixelScores]) -> dict[str, Any]:
@@ -511,6 +544,8 @@ def markdown_table(metrics: dict[str, dict[str, Any]], names: Sequence[str]) -> 
         "AP",
         "acc",
         "ECE",
+        "FPR@0.5",
+        "TPR@0.5",
         "AUC all (n/a=0)",
         "pixel-F1@0.5",
         "pixel-F1 best-thr (optimistic)",
@@ -531,6 +566,8 @@ def markdown_table(metrics: dict[str, dict[str, Any]], names: Sequence[str]) -> 
             format_cell(image["ap"]),
             format_cell(image["accuracy"]),
             format_cell(image["ece"]),
+            format_cell(image["fpr"]),
+            format_cell(image["tpr"]),
             format_cell(image_all["auc"]),
             format_cell(pixel["f1_at_0.5"]),
             format_cell(pixel["f1_best_threshold_optimistic"]),
@@ -735,6 +772,8 @@ def _markdown_report(evaluation: Evaluation, report: dict[str, Any]) -> str:
             "",
             markdown_table(evaluation.metrics, evaluation.names),
             "",
+            verdict_line(evaluation.metrics[FUSED]["verdicts"]),
+            "",
             TABLE_NOTES.format(probe=evaluation.memory_probe_images),
             "" if evaluation.jpeg_quality or evaluation.resize else SHORTCUT_NOTE,
             "",
@@ -872,6 +911,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation.settings = settings
     report = write_outputs(evaluation, out)
     print(markdown_table(evaluation.metrics, evaluation.names))
+    print(verdict_line(evaluation.metrics[FUSED]["verdicts"]))
     print(
         f"\n{report['n_images']} images, {len(report['errors'])} error(s); wrote metrics.json, metrics.md, "
         f"roc.png, reliability.png, worst_cases.png to {out}",

@@ -127,7 +127,16 @@ def image_metrics(labels: Values, scores: Values) -> dict[str, Any]:
         "ap": finite_or_none(average_precision(truth, scores)),
         "accuracy": finite_or_none(accuracy(truth, scores)),
         "ece": finite_or_none(expected_calibration_error(truth, scores)),
+        "fpr": finite_or_none(flag_rate(truth, scores, positive=False)),
+        "tpr": finite_or_none(flag_rate(truth, scores, positive=True)),
     }
+
+
+def flag_rate(labels: Values, scores: Values, positive: bool, threshold: float = DECISION_THRESHOLD) -> float:
+    """Fraction of the positive (TPR) or negative (FPR) images scored at or above the threshold."""
+    truth, values = _arrays(labels, scores)
+    chosen = values[truth == positive]
+    return float(np.mean(chosen >= threshold)) if chosen.size else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------

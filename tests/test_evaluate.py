@@ -325,3 +325,11 @@ def test_command_line_is_what_a_user_would_type():
         ev.command_line(["/x/assistant/evaluate.py", "--limit", "4"])
         == "python -m assistant.evaluate --limit 4"
     )
+
+
+def test_flag_rates_count_each_class_at_the_threshold():
+    labels = [0, 0, 0, 0, 1, 1]
+    scores = [0.1, 0.5, 0.7, 0.2, 0.4, 0.9]
+    assert metrics.flag_rate(labels, scores, positive=False) == 0.5
+    assert metrics.flag_rate(labels, scores, positive=True) == 0.5
+    assert np.isnan(metrics.flag_rate([1, 1], [0.2, 0.3], positive=False))
