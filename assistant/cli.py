@@ -99,11 +99,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     used_dirs = (
         {p.name for p in args.out.iterdir() if p.is_dir()} if args.out and args.out.exists() else set()
     )
-    failures = 0
+    failures = skipped = 0
     progress = _progress(inputs, disable=len(inputs) < 2 or args.json)
     try:
         for label, source in progress:
             if label in done:
+                skipped += 1
                 continue
             try:
                 image = load_image(source, max_pixels=args.max_pixels, name=label)
@@ -123,6 +124,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     finally:
         if results_file:
             results_file.close()
+    if skipped:
+        print(
+            f"forensics: skipped {skipped} image(s) already reported in {args.out / 'results.jsonl'} "
+            "(resuming; delete that file to analyse them again)",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

@@ -659,17 +659,16 @@ def _summary(analysis: str, score: float, details: dict[str, Any]) -> str:
     if score >= 0.25 and analysis == "aligned":
         text = (
             f"the image was {history}, but the marked region ({share}) does not carry that earlier "
-            f"compression on the same grid ({details['aligned_region_evidence_nats']:.0f} nats of "
-            "evidence), so it was likely pasted in (from another image or another part of this one) or "
-            "edited before the last save."
+            "compression on the same grid, so it was likely pasted in (from another image or another "
+            "part of this one) or edited before the last save."
         )
         return lead + text if lead else text[0].upper() + text[1:]
     if score >= 0.25 and analysis == "grid":
         dy, dx = details["grid_offset_dy_dx"]
         text = (
             f"the marked region ({share}) is blocky on an 8x8 JPEG grid shifted by {dy} px down and "
-            f"{dx} px right of the file's grid (strength {details['grid_region_strength']:.1f} robust z), "
-            "so it was compressed before it was pasted off-grid."
+            f"{dx} px right of the file's grid (blockiness {details['grid_region_strength']:.1f} times "
+            "the image's usual spread), so it was compressed before it was pasted off-grid."
         )
         return lead + text if lead else text[0].upper() + text[1:]
     if score >= 0.25 and analysis == "ghost":

@@ -75,10 +75,12 @@ def test_bad_inputs_get_one_line_each_and_the_rest_are_analysed(images, tmp_path
     assert (out / "splice" / "report.json").exists() and (out / "copy" / "report.json").exists()
 
 
-def test_interrupted_batch_resumes_without_redoing_finished_images(images, tmp_path):
+def test_interrupted_batch_resumes_without_redoing_finished_images(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["analyze", str(images / "splice.jpg"), "--out", str(out), "--experts", "ela"]) == 0
+    capsys.readouterr()
     assert main(["analyze", str(images), "--out", str(out), "--experts", "ela"]) == 0
+    assert "skipped 1 image(s) already reported" in capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(row["image"]["path"].rsplit("/", 1)[-1] for row in rows) == ["copy.jpg", "splice.jpg"]
 
