@@ -33,38 +33,12 @@ import numpy as np
 
 from experts.base import Evidence, ExpertError, not_applicable
 from experts.image import LoadedImage
+from experts.jpeg_tables import nearest_quality_absolute
 from experts.maps import mask_from_heatmap, ratio_phrase, regions_from_mask, resize_map, working_copy
 
-# IJG (libjpeg) base luminance table: quality q scales it by 5000/q (q < 50) or 200 - 2q.
-_IJG_LUMA = np.array(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=np.float64,
-)
-_IJG_TABLES = np.stack(
-    [
-        np.clip(np.floor((_IJG_LUMA * (5000.0 / q if q < 50 else 200.0 - 2.0 * q) + 50.0) / 100.0), 1, 255)
-        for q in range(1, 101)
-    ]
-)
 GRID_SHIFT = 4  # half a JPEG block: a re-save shifted by this much shares no grid with the original
 FULL_EVIDENCE_FRACTION = 0.05  # regions smaller than this share of the image count for less
 ERROR_FLOOR = 0.25  # grey levels; keeps log ratios finite in flat areas that re-compress exactly
-
-
-def estimate_jpeg_quality(luma_table: np.ndarray) -> int:
-    """The IJG quality whose luminance table is closest to this one (camera and editor tables land near
-    the quality they behave like)."""
-    errors = np.abs(_IJG_TABLES - np.asarray(luma_table, np.float64)).mean(axis=(1, 2))
-    return int(np.argmin(errors)) + 1
 
 
 def resave_error(pixels: np.ndarray, quality: int) -> np.ndarray:
@@ -136,7 +110,7 @@ class ErrorLevelAnalysis:
                 self.version,
             )
         luma_table = image.quantization.get(0)
-        file_quality = estimate_jpeg_quality(luma_table) if luma_table is not None else 100
+        file_quality = nearest_quality_absolute(luma_table) if luma_table is not None else 100
         quality, dip = self._choose_quality(pixels, file_quality)
         # ELA needs the stored pixel grid, so the re-saves run at full size; only the maps are shrunk.
         aligned, scale = working_copy(resave_error(pixels, quality), self.max_map_pixels)

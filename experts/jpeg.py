@@ -46,25 +46,11 @@ from PIL import Image
 
 from experts.base import Evidence, not_applicable
 from experts.image import LoadedImage
+from experts.jpeg_tables import ijg_table, nearest_quality_relative
 from experts.maps import regions_from_mask
 
 MIN_SIDE = 32  # pixels: at least 4x4 blocks, or there is no histogram to speak of
 MAX_BLOCKS = 150_000  # about 10 MP; larger images are analysed on every k-th block (blocks are independent)
-
-# The IJG (libjpeg) standard luminance table at quality 50, natural order; qualities scale it.
-IJG_LUMA = np.array(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=np.float64,
-)
 
 
 def _dct_matrix() -> np.ndarray:
@@ -80,26 +66,6 @@ ZIGZAG = sorted(
     ((u, v) for u in range(8) for v in range(8)),
     key=lambda uv: (uv[0] + uv[1], uv[1] if (uv[0] + uv[1]) % 2 == 0 else uv[0]),
 )
-
-
-def ijg_table(quality: int) -> np.ndarray:
-    """The libjpeg luminance quantisation table for a quality factor in 1..100."""
-    quality = min(max(int(quality), 1), 100)
-    scale = 5000 // quality if quality < 50 else 200 - 2 * quality  # integer, as libjpeg
-    return np.clip(np.floor((IJG_LUMA * scale + 50) / 100), 1, 255)
-
-
-def estimate_quality(table: np.ndarray, known: np.ndarray | None = None) -> tuple[int, float]:
-    """Nearest IJG quality to a luma table (only where `known` is True) and the mean relative error
-    of that match: near 0 for a libjpeg table, larger for camera or Photoshop tables."""
-    known = np.ones((8, 8), bool) if known is None else known
-    best = (50, np.inf)
-    for quality in range(1, 101):
-        reference = ijg_table(quality)[known]
-        error = float(np.mean(np.abs(reference - table[known]) / reference))
-        if error < best[1]:
-            best = (quality, error)
-    return best
 
 
 def clipped_blocks(pixels: np.ndarray, stride: int = 1, min_pixels: int = 4) -> np.ndarray:
@@ -512,7 +478,7 @@ def _to_pixels(block_map: np.ndarray, stride: int, shape: tuple[int, int]) -> np
 
 
 def _quality_phrase(table: np.ndarray, known: np.ndarray | None = None) -> tuple[int, str]:
-    quality, error = estimate_quality(table, known)
+    quality, error = nearest_quality_relative(table, known)
     return quality, f"quality ~{quality}" + ("" if error < 0.15 else " (not a libjpeg table)")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from imaging import jpeg_bytes
 
 from experts import available_experts, expert_class, get_expert, load_image
 from experts.base import Evidence, ExpertError
@@ -27,9 +26,7 @@ def huge():
     from skimage import data
 
     pixels = cv2.resize(data.astronaut(), (6000, 4000), interpolation=cv2.INTER_CUBIC)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return load_image(buffer.getvalue(), name="huge.jpg")
+    return load_image(jpeg_bytes(pixels, 90), name="huge.jpg")
 
 
 def check_evidence(evidence: Evidence, name: str, shape: tuple[int, int]) -> None:

@@ -3,25 +3,18 @@ transform recovered); flat copies, periodic textures and untouched photos must n
 
 from __future__ import annotations
 
-import io
 import json
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from imaging import jpeg_bytes
 
 from experts.copy_move import CopyMove
 from experts.image import load_image
 from experts.samples import authentic, copy_move
 
 EXPERT = CopyMove()
-
-
-def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def clone_disc(
@@ -80,7 +73,7 @@ def test_recovers_rotation_and_scale_of_a_transformed_clone():
     from skimage import data
 
     pixels, source, target = clone_disc(data.chelsea(), (300, 120), (120, 200), 45, 25.0, 1.15)
-    evidence = EXPERT.analyze(load_image(jpeg(pixels)))
+    evidence = EXPERT.analyze(load_image(jpeg_bytes(pixels)))
     assert evidence.score >= 0.8
     assert (evidence.mask & target).sum() / target.sum() >= 0.7
     assert (evidence.mask & source).sum() / source.sum() >= 0.7
@@ -106,7 +99,7 @@ def test_finds_an_object_cloned_on_a_plain_background():
     pixels, source, target = clone_disc(
         np.clip(sky, 0, 255).astype(np.uint8), (130, 100), (430, 270), 48, 0, 1
     )
-    evidence = EXPERT.analyze(load_image(jpeg(pixels)))
+    evidence = EXPERT.analyze(load_image(jpeg_bytes(pixels)))
     assert evidence.score >= 0.8
     assert (evidence.mask & target).sum() / target.sum() >= 0.7
     assert (evidence.mask & source).sum() / source.sum() >= 0.7
@@ -118,13 +111,13 @@ def test_copied_flat_sky_is_not_evidence():
     pixels = data.rocket()
     assert pixels[60:140, 60:140].std() < 30  # the source is sky: smooth, few keypoints
     forged, _, _ = clone_disc(pixels, (100, 100), (300, 60), 35, 0.0, 1.0)
-    assert EXPERT.analyze(load_image(jpeg(forged))).score < 0.5
+    assert EXPERT.analyze(load_image(jpeg_bytes(forged))).score < 0.5
 
 
 def test_periodic_texture_is_not_a_clone():
     tile = np.random.default_rng(0).integers(0, 255, (24, 24, 3)).astype(np.uint8)
     pixels = np.tile(cv2.GaussianBlur(tile, (3, 3), 0), (17, 25, 1))[:400, :600]
-    evidence = EXPERT.analyze(load_image(jpeg(pixels)))
+    evidence = EXPERT.analyze(load_image(jpeg_bytes(pixels)))
     assert evidence.score < 0.5
 
 

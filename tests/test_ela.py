@@ -3,32 +3,16 @@ handles awkward inputs."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from imaging import iou, jpeg_bytes, png_bytes
 
 from experts import samples
-from experts.ela import ErrorLevelAnalysis, estimate_jpeg_quality, resave_error
+from experts.ela import ErrorLevelAnalysis, resave_error
 from experts.image import load_image
-
-
-def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+from experts.jpeg_tables import nearest_quality_absolute
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +28,7 @@ def splice_result(expert):
 
 def test_finds_the_spliced_region(splice_result):
     sample, evidence = splice_result
-    assert _iou(evidence.mask, sample.mask) >= 0.6
+    assert iou(evidence.mask, sample.mask) >= 0.6
     assert evidence.score >= 0.5
     assert evidence.details["region_error_ratio"] > 2.0
     # The host was a quality-70 JPEG: the re-save should find that earlier compression.
@@ -55,7 +39,7 @@ def test_finds_the_spliced_region(splice_result):
 def test_finds_the_copied_region(expert):
     sample = samples.copy_move()
     evidence = expert.analyze(load_image(sample.data))
-    assert _iou(evidence.mask, sample.mask) >= 0.35
+    assert iou(evidence.mask, sample.mask) >= 0.35
 
 
 def test_authentic_photo_scores_low_and_below_the_forgery(expert, splice_result):
@@ -70,7 +54,7 @@ def test_untouched_photos_are_not_accused(expert, name):
     from skimage import data
 
     pixels = getattr(data, name)()
-    for encoded in (_png(pixels), _jpeg(pixels, 85)):
+    for encoded in (png_bytes(pixels), jpeg_bytes(pixels, 85)):
         evidence = expert.analyze(load_image(encoded))
         assert evidence.score < 0.5, (name, evidence.summary)
 
@@ -98,7 +82,7 @@ def test_too_small_is_not_applicable(expert, size):
 def test_graphic_with_few_colours_is_not_applicable(expert):
     pixels = np.zeros((200, 300, 3), np.uint8)
     pixels[50:150, 100:200] = 255
-    evidence = expert.analyze(load_image(_png(pixels)))
+    evidence = expert.analyze(load_image(png_bytes(pixels)))
     assert not evidence.applicable
     assert "few distinct colours" in evidence.summary
 
@@ -107,7 +91,7 @@ def test_grayscale_and_odd_sized_images_work(expert):
     from skimage import data
 
     pixels = data.camera()[:301, :457]  # grayscale, not a multiple of 8
-    evidence = expert.analyze(load_image(_jpeg(pixels, 80)))
+    evidence = expert.analyze(load_image(jpeg_bytes(pixels, 80)))
     assert evidence.applicable and evidence.heatmap.shape == pixels.shape
 
 
@@ -115,7 +99,7 @@ def test_large_image_maps_come_back_at_original_size(expert):
     from skimage import data
 
     pixels = np.tile(data.astronaut(), (4, 6, 1))  # 2048 x 3072, over the 2-megapixel map limit
-    evidence = expert.analyze(load_image(_jpeg(pixels, 90)))
+    evidence = expert.analyze(load_image(jpeg_bytes(pixels, 90)))
     assert evidence.heatmap.shape == pixels.shape[:2] and evidence.mask.shape == pixels.shape[:2]
 
 
@@ -123,14 +107,14 @@ def test_large_image_maps_come_back_at_original_size(expert):
 def test_estimates_the_quality_of_a_libjpeg_file(quality):
     from skimage import data
 
-    image = load_image(_jpeg(data.coffee(), quality))
-    assert estimate_jpeg_quality(image.quantization[0]) == quality
+    image = load_image(jpeg_bytes(data.coffee(), quality))
+    assert nearest_quality_absolute(image.quantization[0]) == quality
 
 
 def test_resave_at_the_files_own_quality_changes_little():
     from skimage import data
 
-    image = load_image(_jpeg(data.coffee(), 80))
+    image = load_image(jpeg_bytes(data.coffee(), 80))
     # Near-idempotent only if the re-save uses the same colour transform (RGB/BGR order) as the file.
     assert resave_error(image.pixels, 80).mean() < 0.3
     assert resave_error(image.pixels, 60).mean() > 10 * resave_error(image.pixels, 80).mean()

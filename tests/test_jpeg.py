@@ -9,39 +9,13 @@ import json
 import cv2
 import numpy as np
 import pytest
+from imaging import decode, iou, jpeg_bytes, png_bytes
 from PIL import Image
 
 from experts import samples
 from experts.image import load_image
-from experts.jpeg import (
-    IJG_LUMA,
-    JpegCompression,
-    aligned_double_quantisation,
-    block_dct,
-    decoded_luma,
-    estimate_quality,
-    ijg_table,
-)
-
-
-def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+from experts.jpeg import JpegCompression, aligned_double_quantisation, block_dct, decoded_luma
+from experts.jpeg_tables import IJG_LUMA, ijg_table, nearest_quality_relative
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +40,7 @@ def test_ijg_table_matches_libjpeg_and_quality_is_recovered():
         Image.new("L", (16, 16)).save(buffer, "JPEG", quality=quality)
         table = np.asarray(Image.open(buffer).quantization[0]).reshape(8, 8)
         assert np.array_equal(ijg_table(quality), table)
-        assert estimate_quality(table.astype(float)) == (quality, 0.0)
+        assert nearest_quality_relative(table.astype(float)) == (quality, 0.0)
 
 
 def test_block_dct_equals_opencv_dct_per_block():
@@ -81,7 +55,7 @@ def test_double_quantisation_recovers_the_first_quality():
     """q70 then q90: the model should find the q70 steps on the frequencies it uses."""
     from skimage import data
 
-    twice = load_image(_jpeg(_decode(_jpeg(data.astronaut(), 70)), 90))
+    twice = load_image(jpeg_bytes(decode(jpeg_bytes(data.astronaut(), 70)), 90))
     luma = decoded_luma(twice)
     dq = aligned_double_quantisation(block_dct(luma), block_dct(luma, 1, (1, 1)), twice.quantization[0])
     known = dq.first_table > 0
@@ -89,14 +63,14 @@ def test_double_quantisation_recovers_the_first_quality():
     truth = ijg_table(70)[known]
     assert np.mean(dq.first_table[known] == truth) >= 0.5  # exact on the low frequencies
     assert np.mean(np.abs(dq.first_table[known] - truth) <= 0.1 * truth) >= 0.8
-    assert abs(estimate_quality(dq.first_table.astype(float), known)[0] - 70) <= 3
+    assert abs(nearest_quality_relative(dq.first_table.astype(float), known)[0] - 70) <= 3
     assert dq.llr.mean() > 0  # the untouched image is double-compressed nearly everywhere
 
 
 def test_single_compression_finds_no_earlier_compression():
     from skimage import data
 
-    once = load_image(_jpeg(data.astronaut(), 85))
+    once = load_image(jpeg_bytes(data.astronaut(), 85))
     luma = decoded_luma(once)
     dq = aligned_double_quantisation(block_dct(luma), block_dct(luma, 1, (1, 1)), once.quantization[0])
     assert dq.frequencies == 0
@@ -110,7 +84,7 @@ def test_single_compression_finds_no_earlier_compression():
 def test_splice_region_is_found(splice_result):
     sample, evidence = splice_result
     assert evidence.applicable and evidence.score >= 0.8
-    assert _iou(evidence.mask, sample.mask) >= 0.6
+    assert iou(evidence.mask, sample.mask) >= 0.6
     assert evidence.heatmap[sample.mask].mean() > 3 * evidence.heatmap[~sample.mask].mean()
     assert evidence.details["scores"]["aligned double quantisation"] == evidence.score
     assert 60 <= evidence.details["first_quality_estimate"] <= 80  # the host was saved at 70
@@ -123,7 +97,7 @@ def test_copy_move_region_is_found(expert):
     sample = samples.copy_move()
     evidence = expert.analyze(load_image(sample.data))
     assert evidence.score >= 0.8
-    assert _iou(evidence.mask, sample.mask) >= 0.4
+    assert iou(evidence.mask, sample.mask) >= 0.4
 
 
 def test_authentic_sample_scores_low_and_below_the_splice(expert, splice_result):
@@ -138,7 +112,7 @@ def test_uniform_re_save_is_not_called_an_edit(expert):
     """Double-compressed but unedited: the earlier compression is found, no region is accused."""
     from skimage import data
 
-    evidence = expert.analyze(load_image(_jpeg(_decode(_jpeg(data.coffee(), 70)), 90)))
+    evidence = expert.analyze(load_image(jpeg_bytes(decode(jpeg_bytes(data.coffee(), 70)), 90)))
     assert evidence.details["earlier_compression_found"]
     assert evidence.score < 0.3
     assert evidence.mask.mean() < 0.02
@@ -150,23 +124,23 @@ def test_lossless_copy_of_a_jpeg_with_a_pasted_region(expert):
     host's earlier JPEG levels are still there and the pasted region lacks them."""
     from skimage import data
 
-    host = _decode(_jpeg(data.coffee(), 75))
+    host = decode(jpeg_bytes(data.coffee(), 75))
     donor = data.chelsea()
     result = host.copy()
     result[101:261, 37:217] = donor[40:200, 120:300]
     truth = np.zeros(host.shape[:2], bool)
     truth[101:261, 37:217] = True
-    evidence = expert.analyze(load_image(_png(result)))
+    evidence = expert.analyze(load_image(png_bytes(result)))
     assert not evidence.details["is_jpeg"] and evidence.details["earlier_compression_found"]
     assert evidence.score >= 0.8
-    assert _iou(evidence.mask, truth) >= 0.6
+    assert iou(evidence.mask, truth) >= 0.6
     assert "stored without loss" in evidence.summary
 
 
 def test_never_compressed_png_is_quiet_and_says_what_ran(expert):
     from skimage import data
 
-    evidence = expert.analyze(load_image(_png(data.coffee())))
+    evidence = expert.analyze(load_image(png_bytes(data.coffee())))
     assert evidence.applicable and evidence.score < 0.2
     assert not evidence.details["earlier_compression_found"]
     assert "grid misalignment" not in evidence.details["analyses_run"]
@@ -197,15 +171,15 @@ def test_output_shapes_types_and_determinism(expert, splice_result):
 
 def test_odd_sized_and_flat_images(expert):
     odd = np.random.default_rng(1).integers(0, 255, (77, 101, 3), dtype=np.uint8)
-    evidence = expert.analyze(load_image(_jpeg(odd, 80)))
+    evidence = expert.analyze(load_image(jpeg_bytes(odd, 80)))
     assert evidence.heatmap.shape == (77, 101) and evidence.mask.shape == (77, 101)
-    flat = expert.analyze(load_image(_jpeg(np.full((64, 64, 3), 200, np.uint8), 90)))
+    flat = expert.analyze(load_image(jpeg_bytes(np.full((64, 64, 3), 200, np.uint8), 90)))
     assert flat.applicable and flat.score < 0.2
 
 
 def test_large_image_uses_block_sampling(expert):
-    big = cv2.resize(_decode(samples.authentic().data), (3600, 2700), interpolation=cv2.INTER_CUBIC)
-    evidence = expert.analyze(load_image(_jpeg(big, 90)))
+    big = cv2.resize(decode(samples.authentic().data), (3600, 2700), interpolation=cv2.INTER_CUBIC)
+    evidence = expert.analyze(load_image(jpeg_bytes(big, 90)))
     assert evidence.details["block_stride"] == 2
     assert evidence.heatmap.shape == (2700, 3600)
     assert evidence.score < 0.5

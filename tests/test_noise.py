@@ -3,29 +3,16 @@ untouched photos, and handles awkward inputs."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from imaging import decode, iou, jpeg_bytes, png_bytes
 
 from experts import samples
 from experts.image import load_image
 from experts.noise import NoiseInconsistency, measure_noise
-
-
-def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def _ellipse(shape: tuple[int, int]) -> np.ndarray:
@@ -34,20 +21,16 @@ def _ellipse(shape: tuple[int, int]) -> np.ndarray:
     return ((yy - 0.35 * height) / (0.18 * height)) ** 2 + ((xx - 0.6 * width) / (0.15 * width)) ** 2 <= 1.0
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
-
-
 def noisier_region_forgery() -> tuple[bytes, np.ndarray]:
     """scikit-image's cat (a quality-85 JPEG) with strong sensor-like noise added inside an ellipse, as
     if that part came from a noisier camera, re-saved at quality 92."""
     from skimage import data
 
-    host = np.asarray(Image.open(io.BytesIO(_jpeg(data.chelsea(), 85)))).astype(np.float32)
+    host = decode(jpeg_bytes(data.chelsea(), 85)).astype(np.float32)
     mask = _ellipse(host.shape[:2])
     noise = np.random.default_rng(1).normal(0.0, 12.0, host.shape)
     host[mask] += noise[mask]
-    return _jpeg(np.clip(host, 0, 255).astype(np.uint8), 92), mask
+    return jpeg_bytes(np.clip(host, 0, 255).astype(np.uint8), 92), mask
 
 
 def smoother_region_forgery() -> tuple[bytes, np.ndarray]:
@@ -60,7 +43,7 @@ def smoother_region_forgery() -> tuple[bytes, np.ndarray]:
     mask = _ellipse(noisy.shape[:2])
     result = noisy.copy()
     result[mask] = cv2.GaussianBlur(noisy, (0, 0), 1.5)[mask]
-    return _jpeg(result, 95), mask
+    return jpeg_bytes(result, 95), mask
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +59,7 @@ def noisier(expert):
 
 def test_finds_a_noisier_region(noisier):
     _, mask, evidence = noisier
-    assert _iou(evidence.mask, mask) >= 0.6
+    assert iou(evidence.mask, mask) >= 0.6
     assert evidence.details["region_direction"] == "noisier"
     assert evidence.details["region_noise_ratio"] > 1.5
     assert "noise level is" in evidence.summary and "x that of the rest" in evidence.summary
@@ -85,7 +68,7 @@ def test_finds_a_noisier_region(noisier):
 def test_finds_a_smoother_region(expert):
     data, mask = smoother_region_forgery()
     evidence = expert.analyze(load_image(data))
-    assert _iou(evidence.mask, mask) >= 0.5
+    assert iou(evidence.mask, mask) >= 0.5
     assert evidence.details["region_direction"] == "smoother"
     assert evidence.details["region_noise_ratio"] < 0.8
 
@@ -103,7 +86,7 @@ def test_untouched_photos_score_low(expert, noisier):
 
     scores = [expert.analyze(load_image(samples.authentic().data)).score]
     scores += [
-        expert.analyze(load_image(_png(getattr(data, name)()))).score for name in ("astronaut", "coffee")
+        expert.analyze(load_image(png_bytes(getattr(data, name)()))).score for name in ("astronaut", "coffee")
     ]
     assert max(scores) < 0.5
 
@@ -135,7 +118,7 @@ def test_too_small_is_not_applicable(expert, size):
 def test_mostly_clipped_image_is_not_applicable(expert):
     pixels = np.zeros((240, 320, 3), np.uint8)
     pixels[:, :8] = 128  # a sliver of grey in a black frame
-    evidence = expert.analyze(load_image(_png(pixels)))
+    evidence = expert.analyze(load_image(png_bytes(pixels)))
     assert not evidence.applicable
 
 
@@ -143,8 +126,8 @@ def test_grayscale_and_large_images(expert):
     from skimage import data
 
     gray = data.camera()
-    evidence = expert.analyze(load_image(_jpeg(gray, 90)))
+    evidence = expert.analyze(load_image(jpeg_bytes(gray, 90)))
     assert evidence.applicable and evidence.heatmap.shape == gray.shape
     big = np.tile(data.astronaut(), (4, 6, 1))  # 2048 x 3072: analysed on a 2-megapixel copy
-    evidence = expert.analyze(load_image(_jpeg(big, 90)))
+    evidence = expert.analyze(load_image(jpeg_bytes(big, 90)))
     assert evidence.heatmap.shape == big.shape[:2] and evidence.mask.shape == big.shape[:2]
