@@ -65,7 +65,8 @@ def plot_roc(evaluation: Evaluation, path: Path) -> None:
         title="ROC, applicable images per expert"
         + (f"\nno curve (n/a or one class): {', '.join(skipped)}" if skipped else ""),
     )
-    axes.legend(loc="lower right", fontsize=7)
+    if len(skipped) < len(evaluation.names):
+        axes.legend(loc="lower right", fontsize=7)
     figure.savefig(path, bbox_inches="tight")
 
 
