@@ -162,7 +162,7 @@ def overlay(image: LoadedImage, mask: np.ndarray | None) -> np.ndarray:
 
 def _save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, "PNG")
+    Image.fromarray(array).save(path, "PNG", compress_level=1)  # fast: maps can be 24 MP
 
 
 def _inline(path: Path, max_side: int = 900) -> str:

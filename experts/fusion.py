@@ -29,6 +29,7 @@ EXPERT_WEIGHTS: dict[str, float] = {
 }
 DEFAULT_WEIGHT = 0.5
 UNCERTAIN_BAND = (0.35, 0.65)
+MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's mask joins the fused mask only when its own score is this high
 
 
@@ -57,6 +58,9 @@ def fuse(
     probability = float(np.clip(1.0 - authentic_odds, 0.0, 1.0))
     drivers.sort(key=lambda d: d.score * d.weight, reverse=True)
     low, high = uncertain_band
+    if len(drivers) < MIN_EXPERTS_TO_CLEAR and probability <= high:
+        # Too little could be measured (e.g. a 1x1 image) to clear or accuse: no evidence either way.
+        return Verdict("uncertain", 0.5, tuple(drivers), None, uncertain_band)
     if probability < low:
         label = "authentic"
     elif probability <= high:

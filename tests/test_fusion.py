@@ -13,9 +13,21 @@ def evidence(name: str, score: float | None, mask: np.ndarray | None = None, **d
     return Evidence(name, score, score is not None, f"{name} says {score}", mask=mask, details=details)
 
 
-def test_no_applicable_evidence_is_authentic_with_zero_probability():
+def test_too_little_evidence_is_uncertain_not_authentic():
     verdict = fuse([evidence("ela", None)], SHAPE)
-    assert verdict.label == "authentic" and verdict.probability == 0.0 and verdict.mask is None
+    assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None
+    verdict = fuse([evidence("ela", None), evidence("metadata", 0.0)], SHAPE)
+    assert verdict.label == "uncertain" and verdict.probability == 0.5
+
+
+def test_strong_evidence_from_one_expert_still_counts():
+    verdict = fuse([evidence("ela", None), evidence("metadata", 0.95, indicates="ai_generated")], SHAPE)
+    assert verdict.label == "ai_generated"
+
+
+def test_nothing_found_by_several_experts_is_authentic():
+    verdict = fuse([evidence("ela", 0.0), evidence("noise", 0.05), evidence("jpeg", 0.0)], SHAPE)
+    assert verdict.label == "authentic" and verdict.probability < 0.35
 
 
 def test_weak_evidence_stays_authentic_or_uncertain_never_manipulated():
