@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import sys
@@ -15,6 +16,11 @@ from assistant.report import report_dict, write_report
 from experts import available_experts, expert_class
 from experts.base import ForensicsError
 from experts.image import LoadedImage, load_image
+
+# Sub-commands that live in their own module: each has configure_parser(parser) and run(args) -> int.
+COMMANDS = {
+    "eval": ("assistant.evaluate", "evaluate experts and fusion on a labelled data set"),
+}
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".mpo"}
 
@@ -43,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_cmd.add_argument("--max-pixels", type=int, help="raise the decompression-bomb limit (pixels)")
     analyze_cmd.set_defaults(handler=cmd_analyze)
 
-    from assistant import evaluate
-
-    eval_cmd = commands.add_parser("eval", help="evaluate experts and fusion on a labelled data set")
-    evaluate.configure_parser(eval_cmd)
-    eval_cmd.set_defaults(handler=evaluate.run)
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = commands.add_parser(name, help=summary)
+        module.configure_parser(command)
+        command.set_defaults(handler=module.run)
 
     list_cmd = commands.add_parser("experts", help="list the registered experts")
     list_cmd.set_defaults(handler=cmd_experts)
