@@ -20,6 +20,9 @@ from experts.image import LoadedImage, load_image
 # Sub-commands that live in their own module: each has configure_parser(parser) and run(args) -> int.
 COMMANDS = {
     "eval": ("assistant.evaluate", "evaluate experts and fusion on a labelled data set"),
+    "sign": ("assistant.commands.sign", "attach C2PA Content Credentials signed with your certificate"),
+    "protect": ("assistant.commands.protect", "embed our invisible, tamper-localising watermark"),
+    "verify": ("assistant.commands.verify", "check an image for our watermark and show changed regions"),
 }
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".mpo"}

@@ -16,15 +16,18 @@ from experts.base import (
     UnknownExpertError,
     Verdict,
 )
+from experts.c2pa import ContentCredentials
 from experts.copy_move import CopyMove
 from experts.ela import ErrorLevelAnalysis
 from experts.frequency import FrequencyFingerprint
 from experts.image import LoadedImage, load_image
+from experts.invisible_watermark import InvisibleWatermark
 from experts.jpeg import JpegCompression
 from experts.metadata import MetadataExpert
 from experts.noise import NoiseInconsistency
 from experts.registry import available_experts, expert_class, get_expert, register_expert
 from experts.runner import run_experts
+from experts.watermark import Watermark
 
 register_expert(ErrorLevelAnalysis)
 register_expert(NoiseInconsistency)
@@ -32,6 +35,9 @@ register_expert(JpegCompression)
 register_expert(CopyMove)
 register_expert(MetadataExpert)
 register_expert(FrequencyFingerprint)
+register_expert(ContentCredentials)
+register_expert(InvisibleWatermark)
+register_expert(Watermark)
 
 __all__ = [
     "Analysis",

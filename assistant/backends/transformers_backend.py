@@ -1,0 +1,201 @@
+"""Bring your own model: any local transformers chat model, text-only or vision-language.
+
+A text model (Qwen2.5, SmolLM2, Llama, ...) loads with AutoModelForCausalLM and ignores images: the
+agent gives it the evidence as text. A vision-language model (Qwen2-VL / Qwen2.5-VL, SmolVLM /
+Idefics3, LLaVA, ...: any model type transformers maps to AutoModelForImageTextToText) loads with its
+processor and sees the images of the conversation. A LoRA adapter (peft) can be put on top.
+
+Nothing is downloaded unless the caller passes allow_download=True; then `spec` may be a hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from assistant.backends.base import Message, ModelInfo, TokenCallback
+from assistant.backends.chat import (
+    TemplateSupport,
+    TextStream,
+    chat_dicts,
+    openai_tools,
+    pick_device,
+    pick_dtype,
+)
+from experts.base import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+
+class _GenerateStreamer:
+    """Adapts `generate`'s streamer calls to a TextStream; generate calls it in this thread, first with
+    the prompt (skipped), then with each new token."""
+
+    def __init__(self, stream: TextStream) -> None:
+        self.stream = stream
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.stream.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersBackend:
+    """A transformers model behind the Backend interface (greedy, streaming)."""
+
+    def __init__(self, model: Any, tokenizer: Any, processor: Any | None, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor  # None for a text-only model
+        self.info = info
+        template = (processor or tokenizer).chat_template
+        self.support = TemplateSupport.of(template)
+        config = copy.deepcopy(model.generation_config)
+        # Greedy: clear the sampling settings a model ships with, so generate neither samples nor warns.
+        config.do_sample, config.num_beams = False, 1
+        config.temperature = config.top_p = config.top_k = None
+        if config.pad_token_id is None:
+            config.pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
+        self.generation_config = config
+
+    @property
+    def sees_images(self) -> bool:
+        return self.processor is not None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def inputs(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] = ()) -> Any:
+        """The model inputs for a conversation (token ids, and pixel values for a VLM)."""
+        chat, _ = chat_dicts(
+            messages, tools, self.support, image_content="parts" if self.sees_images else None
+        )
+        extra = {"tools": openai_tools(tools)} if tools and self.support.tools else {}
+        renderer = self.processor or self.tokenizer
+        # sanitize_control_tokens: a control token inside a message (say "<|im_end|>" in EXIF text that
+        # a tool quotes) is encoded as plain text, so it cannot end a turn or forge a new one.
+        return renderer.apply_chat_template(
+            chat,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            sanitize_control_tokens=True,
+            **extra,
+        )
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[dict[str, Any]] = (),
+        max_new_tokens: int = 256,
+        on_token: TokenCallback | None = None,
+    ) -> str:
+        inputs = self.inputs(messages, tools).to(self.model.device)
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = max_new_tokens
+        stream = TextStream(self.tokenizer, on_token)
+        with torch.inference_mode():
+            self.model.generate(**inputs, generation_config=config, streamer=_GenerateStreamer(stream))
+        return stream.end()
+
+
+def _is_vision_language(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_transformers(
+    spec: str | Path,
+    adapter: str | Path | None = None,
+    device: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    allow_download: bool = False,
+) -> TransformersBackend:
+    """A local transformers chat model (a folder with config.json, weights and a tokenizer or
+    processor with a chat template), optionally with a LoRA adapter folder on top.
+
+    device / dtype: default CUDA + bf16 (fp16 where the GPU lacks bf16) when available, else CPU +
+    float32. allow_download: let `spec` be a hub id and fetch what is not cached.
+    """
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        source = str(path)
+    elif allow_download:
+        source = str(spec)
+    else:
+        raise ModelNotAvailableError(
+            f"no model folder at {spec}: pass a local folder holding config.json and the weights (for "
+            "example one made by save_pretrained), or allow downloads (allow_download=True) to fetch a hub id"
+        )
+    local = {"local_files_only": not allow_download}
+    try:
+        config = AutoConfig.from_pretrained(source, **local)
+    except (OSError, ValueError) as error:
+        raise ModelNotAvailableError(
+            f"cannot read a transformers model config from {source}: {error}"
+        ) from error
+
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    placement = {"device_map": {"": device}} if device != "cpu" else {}
+    vision = _is_vision_language(config.model_type)
+    if vision:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, **local)
+        tokenizer = processor.tokenizer
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **placement, **local)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(source, **local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **local)
+    if not (processor or tokenizer).chat_template:
+        raise ModelNotAvailableError(
+            f"{source} has no chat template; use an instruction-tuned (chat) model, or add its template "
+            "as chat_template.jinja in the model folder"
+        )
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelNotAvailableError(f"no LoRA adapter at {adapter} (expected adapter_config.json there)")
+        from peft import PeftModel
+
+        # Merged into the base weights: inference then runs at the base model's speed.
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.to(device).eval()
+
+    support = TemplateSupport.of((processor or tokenizer).chat_template)
+    info = ModelInfo(
+        backend="transformers",
+        base_model=source,
+        adapter=str(adapter) if adapter is not None else None,
+        vision=f"{config.model_type} (through its processor)" if vision else None,
+        details={
+            "model_type": config.model_type,
+            "architecture": type(model).__name__,
+            "images": "passed to the model's processor" if vision else "ignored: text-only model",
+            "tools": "chat template" if support.tools else "system-message block (the template has no tools)",
+            "tool_results": "tool role" if support.tool_role else "user turns labelled with the tool name",
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+    )
+    return TransformersBackend(model, tokenizer, processor, info)

@@ -1,0 +1,623 @@
+"""Keeping the answer honest: check_answer() finds what a model's answer states that the fused verdict
+and the evidence do not support, and compose_answer() writes a plain-language answer from the verdict
+and the evidence alone, for when the model cannot.
+
+The check reads the answer the way a careful reader would, with simple rules rather than a model:
+- label: words that call the image authentic (genuine, real, unedited, ...), manipulated (edited,
+  tampered, doctored, spliced, ...), AI-generated (synthetic, ...), fake, or uncertain (inconclusive,
+  ...), with negations ("not manipulated", "no sign of editing") read as denials; conditional or
+  descriptive mentions ("whether it was edited", "ELA detects edited regions") are not claims, and
+  hedged ones ("may have been edited") are not held against an "uncertain" verdict;
+- probability: a percentage or a decimal next to "probability", "chance", "likely", "confidence", ...
+  must be the fused probability (or its complement when it is the chance of being authentic), within
+  one unit of the last digit stated;
+- numbers: every other number must appear in the evidence (scores, summaries, details, where
+  phrases), within one unit of its last digit;
+- places: region words (upper-left, top, centre, ...) must overlap the places that the verdict's or the
+  evidence's where phrases or summaries name.
+Evidence summaries, where phrases and metadata quotes copied verbatim into an answer are grounded by
+definition and are not re-read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from experts.base import Evidence, Verdict
+
+# Experts whose summaries and details carry text read from the file (EXIF, XMP, PNG chunks, C2PA
+# manifests, watermark payloads): untrusted data, quoted and labelled, never obeyed.
+METADATA_EXPERTS = frozenset({"metadata", "c2pa", "watermark", "invisible_watermark"})
+
+LABEL_WORDS = {
+    "authentic": "authentic",
+    "manipulated": "manipulated",
+    "ai_generated": "AI-generated",
+    "uncertain": "uncertain",
+}
+
+# --------------------------------------------------------------------------------------------------
+# Text helpers
+
+_TERMS = re.compile(
+    r"\b(?:"
+    r"(?P<ai_generated>ai[- ]?generated|ai[- ](?:made|created)"
+    r"|(?:made|created|generated|produced)\s+(?:by|with)\s+(?:an?\s+)?"
+    r"(?:ai|generative ai|image generator|generator|diffusion model|gan|text-to-image model)"
+    r"|synthetic|synthesi[sz]ed|computer[- ]generated|fully generated)"
+    r"|(?P<authentic>authentic|genuine|real(?![-'’])|unedited|unaltered|untouched|unmanipulated|untampered"
+    r"|unmodified|undoctored)"
+    r"|(?P<manipulated>manipulated|edited|tampered(?:\s+with)?|doctored|altered|spliced|photoshopped|forged"
+    r"|retouched|copy[- ]moved|cloned)"
+    r"|(?P<fake>fake|faked|fabricated|counterfeit|bogus|deepfake)"
+    r"|(?P<uncertain>uncertain|inconclusive|unclear|undetermined|undecided|ambiguous)"
+    r"|(?P<manipulation_noun>manipulations?|tampering|editing|edits|forgery|forgeries|alterations?"
+    r"|splicing|doctoring|retouching|photoshopping)"
+    r"|(?P<ai_noun>ai generation|generative ai|ai involvement|synthesis)"
+    r")\b",
+    re.IGNORECASE,
+)
+_NEGATION = re.compile(
+    r"\b(?:not|no|never|without|nothing|none|neither|nor|cannot|free of|lack of|absence of|rather than"
+    r"|instead of|as opposed to|unlike)\b|n['’]t\b",
+    re.IGNORECASE,
+)
+_NOT_NEGATION = re.compile(
+    r"\b(?:no doubt|without (?:a )?doubt|not only|no question|nothing but|none other than)\b", re.IGNORECASE
+)
+_WEAK = re.compile(
+    r"\b(?:clear|clearly|strong|strongly|conclusive|definite|definitive|obvious|significant|compelling"
+    r"|much|major|reliable)\b",
+    re.IGNORECASE,
+)
+_SKIP = re.compile(
+    r"\b(?:if|whether|unless|would|rule out|ruled out|prove|proves|proof|guarantee|tell|determine"
+    r"|decide|hard to|question|ask|asked|asking|look for|looks for|detect|detects|detecting|verify"
+    r"|can help|could help|kinds? of|types? of|probability|chance|likelihood|odds)\b|\d\s*%",
+    re.IGNORECASE,
+)
+_HEDGE = re.compile(
+    r"\b(?:may|might|could|possibly|perhaps|probably|likely|seems?|appears?|suggests?|indicates?"
+    r"|consistent with|points? to|hints?|somewhat|partly)\b",
+    re.IGNORECASE,
+)
+_CLAUSE_BREAK = re.compile(r"[;:§()\[\]—–]|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bwhereas\b|\byet\b")
+_CHAIN_GAP = re.compile(r"^(?:\s|,|/|\bor\b|\band\b|\bnor\b|\beven\b|\bbeing\b|\bbeen\b)*$", re.IGNORECASE)
+_CONTRAST_GAP = re.compile(r"\b(?:rather than|instead of|as opposed to|not)\b", re.IGNORECASE)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_EXEMPT_PHRASES = (  # fixed phrases that name a label without claiming it, and their stand-ins
+    (re.compile(r"\bp\s*\(\s*not authentic\s*\)", re.IGNORECASE), " probability "),
+    (
+        re.compile(
+            r"\b(?:probability|chance|likelihood|odds)\s+(?:that\s+(?:the|this)\s+(?:image|photo|picture|file)"
+            r"\s+(?:is|was)\s+|of\s+(?:it\s+)?(?:being\s+)?)not authentic\b",
+            re.IGNORECASE,
+        ),
+        " probability ",
+    ),
+    (re.compile(r"\buncertain\s+(?:band|range|zone|interval)\b", re.IGNORECASE), " band "),
+)
+
+_NUMBER = re.compile(
+    r"(?<![\w.])(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?"
+    r"(?P<unit>\s*(?:%|percent\b|per cent\b)|[x×](?!\w)|(?!\w|\.\d))"
+)
+_DIMENSIONS = re.compile(r"(?<![\w.])(\d+)\s*[x×]\s*(\d+)(?![\d.])")
+_ANY_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_LIST_MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+", re.MULTILINE)
+_IMAGE_ID = re.compile(r"\bimage[_ ]\d+\b", re.IGNORECASE)
+_PROBABILITY_WORD = re.compile(
+    r"\b(?:probability|probable|chance|chances|likelihood|likely|confidence|confident|certainty|odds)\b"
+    r"|\bp\s*\(",
+    re.IGNORECASE,
+)
+_AUTHENTIC_CONTEXT = re.compile(r"(?<!not )(?<!n't )\b(?:authentic|genuine|real)\b", re.IGNORECASE)
+_LABEL_BEFORE = re.compile(
+    r"\b(authentic|genuine|real|manipulated|edited|tampered|doctored|fake|ai[- ]generated|synthetic|uncertain"
+    r"|inconclusive)\W{0,3}$",
+    re.IGNORECASE,
+)
+_AFTER_PROBABILITY = re.compile(
+    r"^\s*(?:\)|,)?\s*(?:probability|chance|likely|likelihood|confidence|certain|sure|authentic|genuine|real)\b",
+    re.IGNORECASE,
+)
+_AFTER_AUTHENTIC = re.compile(
+    r"^\s*(?:\)|,)?\s*(?:(?:probability|chance|likelihood|likely|sure|certain|confident)\s+)?(?:that\s+)?"
+    r"(?:(?:it|this|the image|this image|the photo|the picture)\s+)?(?:is\s+|was\s+|'s\s+)?"
+    r"(?:authentic|genuine|real)\b",
+    re.IGNORECASE,
+)
+_QUOTED = re.compile(r"[\"“]([^\"”]{2,})[\"”]")
+
+_GRID_ROWS = {"upper": 0, "top": 0, "lower": 2, "bottom": 2}
+_GRID_COLS = {"left": 0, "right": 2}
+_CENTRE = {"centre", "center", "middle"}
+_COMPOUND_PLACE = re.compile(
+    r"\b(?:(?P<row>upper|lower|top|bottom)[- ]?(?P<col>left|right)"
+    r"|(?P<row2>upper|lower|top|bottom)[- ](?:centre|center|middle)"
+    r"|(?:centre|center|middle)[- ](?P<col2>left|right))\b",
+    re.IGNORECASE,
+)
+_SIMPLE_PLACE = re.compile(
+    r"\b(?:in|on|at|near|to|towards?|along|around|across|of|from|into)\s+(?:the\s+)?(?:very\s+|far\s+)?"
+    r"(?P<word>upper|lower|top|bottom|left|right|centre|center|middle)\b(?!-)(?P<after>[^.;:\n]{0,30})",
+    re.IGNORECASE,
+)
+_RELATIVE_AFTER = re.compile(
+    r"^\s*(?:of|side of|half of|part of|edge of)\s+(?!the (?:image|photo|picture|frame))"
+)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    label: str  # authentic, manipulated, ai_generated, uncertain, fake
+    denied: bool
+    hedged: bool
+    weak: bool
+    text: str
+
+
+def _exempt(text: str, exempt: Iterable[str]) -> str:
+    """The text with grounded passages (evidence summaries, where phrases, quotes from the evidence)
+    and fixed phrases replaced by a clause break, so that they are not re-read as claims."""
+    for passage in sorted({p for p in exempt if p and len(p) > 3}, key=len, reverse=True):
+        text = text.replace(passage, " § ")
+    for pattern, stand_in in _EXEMPT_PHRASES:
+        text = pattern.sub(stand_in, text)
+    return text
+
+
+def _claims(text: str) -> list[_Claim]:
+    claims: list[_Claim] = []
+    for sentence in _SENTENCE.split(text):
+        if sentence.rstrip().endswith("?"):
+            continue
+        previous: _Claim | None = None
+        previous_end = 0
+        for match in _TERMS.finditer(sentence):
+            kind = match.lastgroup or ""
+            gap = sentence[previous_end : match.start()]
+            if previous is not None and _CHAIN_GAP.match(gap):
+                # "not edited, spliced or retouched": the list shares the first word's polarity.
+                claim = _Claim(
+                    _label_of(kind), previous.denied, previous.hedged, previous.weak, match.group(0)
+                )
+            elif previous is not None and _CONTRAST_GAP.search(gap) and not _CLAUSE_BREAK.search(gap):
+                # "manipulated rather than AI-generated", "manipulated, not AI-generated"
+                claim = _Claim(_label_of(kind), not previous.denied, False, False, match.group(0))
+            else:
+                claim = _read_claim(sentence[: match.start()], kind, match.group(0))
+            previous_end = match.end()
+            if claim is None:
+                previous = None
+                continue
+            previous = claim
+            if kind.endswith("_noun") and not claim.denied:
+                continue  # "signs of editing" is not a claim that the image was edited
+            claims.append(claim)
+    return claims
+
+
+def _label_of(kind: str) -> str:
+    return {"manipulation_noun": "manipulated", "ai_noun": "ai_generated"}.get(kind, kind)
+
+
+def _read_claim(prefix: str, kind: str, text: str) -> _Claim | None:
+    clause = _CLAUSE_BREAK.split(prefix)[-1]
+    if _SKIP.search(clause):
+        return None
+    local = _NOT_NEGATION.sub(" ", clause.split(",")[-1])
+    window = " ".join(local.split()[-7:])
+    denied = bool(_NEGATION.search(window))
+    return _Claim(
+        _label_of(kind),
+        denied,
+        hedged=bool(_HEDGE.search(window)),
+        weak=denied and bool(_WEAK.search(window)),
+        text=text,
+    )
+
+
+def _claim_problem(claim: _Claim, label: str) -> bool:
+    """Whether this claim contradicts a verdict with this label. "Fake" is right for either kind of
+    fake; denying "authentic" claims fake, denying "fake" claims authentic; a weak denial ("no clear
+    sign of editing") fits an uncertain verdict, a flat one does not."""
+    if claim.hedged and label == "uncertain":
+        return False
+    fake = label in ("manipulated", "ai_generated")
+    if not claim.denied:
+        return not fake if claim.label == "fake" else claim.label != label
+    if claim.label == "authentic":
+        return not fake
+    if claim.label == "fake":
+        return label != "authentic"
+    if claim.label == "manipulated":
+        return label == "manipulated" or (label == "uncertain" and not claim.weak)
+    return claim.label == label
+
+
+def _states_label(claim: _Claim, label: str) -> bool:
+    if claim.hedged and label == "uncertain":
+        return False
+    if label == "manipulated":
+        return (claim.label in ("manipulated", "fake") and not claim.denied) or (
+            claim.label == "authentic" and claim.denied
+        )
+    if label == "authentic":
+        return (claim.label == "authentic" and not claim.denied) or (
+            claim.label in ("fake", "manipulated") and claim.denied and not claim.weak
+        )
+    return claim.label == label and not claim.denied
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def _harvest(value: Any, into: set[float], depth: int = 0) -> None:
+    if isinstance(value, bool) or depth > 4:
+        return
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        into.add(float(value))
+    elif isinstance(value, str):
+        into.update(float(n) for n in _ANY_NUMBER.findall(value.replace(",", "")))
+    elif isinstance(value, dict):
+        for item in list(value.values())[:64]:
+            _harvest(item, into, depth + 1)
+    elif isinstance(value, (list, tuple)) and len(value) <= 16:
+        for item in value:
+            _harvest(item, into, depth + 1)
+
+
+def _grounded_numbers(
+    verdicts: Sequence[Verdict], evidence: Sequence[Evidence], where: Sequence[str], extra: Iterable[float]
+) -> set[float]:
+    numbers: set[float] = set(map(float, extra))
+    for verdict in verdicts:
+        numbers.update((verdict.probability, 1.0 - verdict.probability, *verdict.uncertain_band))
+        for driver in verdict.drivers:
+            numbers.update((driver.score, driver.weight))
+        numbers.add(len(verdict.drivers))
+    numbers.update((len(evidence), sum(e.applicable for e in evidence)))
+    for item in evidence:
+        if item.score is not None:
+            numbers.add(float(item.score))
+        _harvest(item.summary, numbers)
+        _harvest(item.details, numbers)
+        for region in item.regions:
+            numbers.add(float(region.score))
+    for phrase in where:
+        _harvest(phrase, numbers)
+    return numbers
+
+
+def _tolerance(integer: str, decimals: int) -> float:
+    if decimals:
+        return 10.0**-decimals
+    digits = integer.replace(",", "")
+    zeros = len(digits) - len(digits.rstrip("0")) if digits.strip("0") else 0
+    return 10.0 ** min(zeros, len(digits) - 1)  # "7600" is a rounded 7631
+
+
+def _close(value: float, tolerance: float, targets: Iterable[float]) -> bool:
+    return any(abs(value - t) <= tolerance + 1e-9 for t in targets)
+
+
+def _number_matches(value: float, tolerance: float, percent: bool, grounded: set[float]) -> bool:
+    if percent:
+        return _close(value, tolerance, grounded) or _close(value / 100, tolerance / 100, grounded)
+    return (
+        _close(value, tolerance, grounded)
+        or _close(value / 100, tolerance / 100, grounded)
+        or _close(value * 100, tolerance * 100, grounded)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Places
+
+
+def place_cells(text: str) -> set[tuple[int, int]]:
+    """The cells of a 3x3 grid (row, column) that the region words in `text` name: "upper-left" is
+    one cell, "top" a row, "left" a column, "centre" the middle cell."""
+    cells: set[tuple[int, int]] = set()
+    remaining = text
+    for match in _COMPOUND_PLACE.finditer(text):
+        if match.group("row"):
+            cells.add((_GRID_ROWS[match.group("row").lower()], _GRID_COLS[match.group("col").lower()]))
+        elif match.group("row2"):
+            cells.add((_GRID_ROWS[match.group("row2").lower()], 1))
+        else:
+            cells.add((1, _GRID_COLS[match.group("col2").lower()]))
+        remaining = remaining.replace(match.group(0), " ")
+    for match in _SIMPLE_PLACE.finditer(remaining):
+        word, after = match.group("word").lower(), match.group("after")
+        if _RELATIVE_AFTER.match(after) and not (word == "top" and "image" in after[:20]):
+            continue  # "to the left of the cat", "on top of that": relative, not a place in the image
+        if word in _GRID_ROWS:
+            cells.update((_GRID_ROWS[word], col) for col in range(3))
+        elif word in _GRID_COLS:
+            cells.update((row, _GRID_COLS[word]) for row in range(3))
+        else:
+            cells.add((1, 1))
+    return cells
+
+
+def _where_cells(phrase: str) -> set[tuple[int, int]]:
+    """The one grid cell a where phrase ("left (about 13% of the image)") names."""
+    name = phrase.split("(")[0].strip().lower()
+    if name in _CENTRE:
+        return {(1, 1)}
+    if name in _GRID_COLS:
+        return {(1, _GRID_COLS[name])}
+    return place_cells(name)
+
+
+def _place_names(cells: set[tuple[int, int]]) -> str:
+    grid = (
+        ("upper-left", "top centre", "upper-right"),
+        ("left", "centre", "right"),
+        ("lower-left", "bottom centre", "lower-right"),
+    )
+    return ", ".join(grid[r][c] for r, c in sorted(cells))
+
+
+# --------------------------------------------------------------------------------------------------
+# The check
+
+
+def _evidence_passages(evidence: Sequence[Evidence]) -> list[str]:
+    passages: list[str] = []
+    for item in evidence:
+        passages.append(item.summary)
+        for finding in item.details.get("findings", ()) if isinstance(item.details, dict) else ():
+            if isinstance(finding, dict) and isinstance(finding.get("text"), str):
+                passages.append(finding["text"])
+    return passages
+
+
+def check_answer(
+    text: str,
+    verdict: Verdict,
+    evidence: Sequence[Evidence],
+    where: Sequence[str],
+    *,
+    others: Sequence[Verdict] = (),
+    require_verdict: bool = False,
+    numbers: Iterable[float] = (),
+) -> list[str]:
+    """Problems with `text` as an answer about an image with this verdict and evidence; empty when
+    every label, probability, number and place it states is supported. `where` lists the places the
+    evidence names (the verdict's where phrases and the experts'); `others` are further verdicts the
+    answer may speak of (a comparison); `numbers` are further grounded numbers (image size, numbers in
+    the question). With require_verdict, an answer that never states the verdict is a problem too."""
+    verdicts = [verdict, *others]
+    passages = _evidence_passages(evidence)
+    evidence_text = " ".join(passages)
+    quotes = [q for q in _QUOTED.findall(text) if q in evidence_text or q in " ".join(where)]
+    grounded_text = _exempt(text, [*passages, *where, *quotes])
+    problems: list[str] = []
+
+    # Labels
+    claims = _claims(grounded_text)
+    reported: set[str] = set()
+    for claim in claims:
+        if all(_claim_problem(claim, v.label) for v in verdicts):
+            key = f"{claim.label}:{claim.denied}"
+            if key not in reported:
+                reported.add(key)
+                says = f'denies "{claim.text}"' if claim.denied else f'calls the image "{claim.text}"'
+                problems.append(f"The answer {says}, but the fused verdict is {_verdicts_text(verdicts)}.")
+    if require_verdict and not any(_states_label(c, v.label) for c in claims for v in verdicts):
+        problems.append(f"The answer does not state the fused verdict ({_verdicts_text(verdicts)}).")
+
+    # Probabilities and other numbers
+    grounded = _grounded_numbers(verdicts, evidence, where, numbers)
+    expert_names = {e.expert.replace("_", "[-_ ]?") for e in evidence} | {"error level", "copy[- ]move"}
+    names_pattern = re.compile(r"\b(?:" + "|".join(sorted(expert_names)) + r")\b", re.IGNORECASE)
+    scan = _IMAGE_ID.sub(" ", _LIST_MARKER.sub(" ", grounded_text))
+    for sentence in _SENTENCE.split(scan):
+        matches = list(_NUMBER.finditer(sentence))
+        for index, match in enumerate(matches):
+            integer, frac = match.group("int"), match.group("frac") or ""
+            value = float(integer.replace(",", "") + (f".{frac}" if frac else ""))
+            unit = match.group("unit").strip().lower()
+            percent = unit in ("%", "percent", "per cent")
+            tolerance = _tolerance(integer, len(frac))
+            shown = match.group(0).strip()
+            if context := _probability_context(sentence, matches, index, names_pattern):
+                stated = value / 100 if percent or value > 1 else value
+                step = tolerance / 100 if percent or value > 1 else tolerance
+                of_authentic = context == "authentic"
+                targets = [1 - v.probability if of_authentic else v.probability for v in verdicts]
+                if context == "either":  # "authentic (11%)" and "authentic (89%)" both read naturally
+                    targets += [1 - v.probability for v in verdicts]
+                if not _close(stated, step, targets):
+                    fused = _probabilities_text(verdicts)
+                    problems.append(
+                        f"The answer states a probability of {shown}"
+                        + (" that the image is authentic" if of_authentic else "")
+                        + f", but the fused probability of manipulation or AI generation is {fused}."
+                    )
+                continue
+            if not _number_matches(value, tolerance, percent, grounded):
+                problems.append(f"The answer states the number {shown}, which is not in the evidence.")
+        for match in _DIMENSIONS.finditer(sentence):
+            for part in match.groups():
+                if not _number_matches(float(part), _tolerance(part, 0), False, grounded):
+                    problems.append(f"The answer states the number {part}, which is not in the evidence.")
+
+    # Places
+    stated = place_cells(grounded_text)
+    if stated:
+        allowed: set[tuple[int, int]] = set()
+        for phrase in where:
+            allowed |= _where_cells(phrase)
+        for passage in passages:
+            allowed |= place_cells(passage)
+        if not allowed:
+            problems.append(
+                f"The answer names a place in the image ({_place_names(stated)}), but no expert localised "
+                "anything."
+            )
+        elif not stated & allowed:
+            problems.append(
+                f"The answer places the evidence in the {_place_names(stated)}, but the evidence is only in: "
+                f"{'; '.join(where) or _place_names(allowed)}."
+            )
+    return list(dict.fromkeys(problems))
+
+
+def _probability_context(
+    sentence: str, matches: list[re.Match], index: int, expert_names: re.Pattern
+) -> str | None:
+    """ "fake" when the number at `index` is stated as the probability of manipulation (a probability
+    word shortly before it with no other number in between, or shortly after it, or a percentage
+    right after a label), "authentic" when it is stated as the chance of being authentic, "either"
+    when it could be both ("authentic (89%)"), None when it is not a probability (or is an expert's
+    score: "the jpeg expert is confident (1.00)")."""
+    match = matches[index]
+    start = matches[index - 1].end() if index else 0
+    before = sentence[max(start, match.start() - 60) : match.start()]
+    if expert_names.search(before):
+        return None
+    end = matches[index + 1].start() if index + 1 < len(matches) else len(sentence)
+    after = sentence[match.end() : min(end, match.end() + 50)]
+    words = list(_PROBABILITY_WORD.finditer(before))
+    if words:
+        return "authentic" if _AUTHENTIC_CONTEXT.search(before[words[-1].start() :]) else "fake"
+    if _AFTER_PROBABILITY.match(after):
+        return "authentic" if _AFTER_AUTHENTIC.match(after) else "fake"
+    label = _LABEL_BEFORE.search(before)
+    if label and match.group("unit").strip():  # "manipulated (70%)", "authentic: 89%"
+        return "either" if label.group(1).lower() in ("authentic", "genuine", "real") else "fake"
+    return None
+
+
+def _verdicts_text(verdicts: Sequence[Verdict]) -> str:
+    return " / ".join(f"{v.label} (probability {v.probability:.2f})" for v in verdicts)
+
+
+def _probabilities_text(verdicts: Sequence[Verdict]) -> str:
+    return " / ".join(f"{v.probability:.2f} ({v.probability:.0%})" for v in verdicts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The grounded answer
+
+_EXPERT_WORDS = {
+    "ela": r"\bela\b|error level",
+    "noise": r"\bnoise\b",
+    "jpeg": r"\bjpe?g\b|compress",
+    "copy_move": r"\bcop(?:y|ied)\b|\bclon|\bduplicat",
+    "metadata": r"\bmeta-?data\b|\bexif\b|\bxmp\b|\bcamera\b",
+    "frequency": r"\bfrequenc|\bspectr|\bupsampl",
+    "c2pa": r"\bc2pa\b|\bprovenance\b|content credentials?|\bsigned\b",
+    "watermark": r"\bwatermark",
+    "invisible_watermark": r"\bwatermark",
+}
+
+
+def experts_named(question: str, available: Iterable[str]) -> list[str]:
+    """The experts a question asks about by name or by the kind of evidence they read."""
+    found = []
+    for name in available:
+        pattern = _EXPERT_WORDS.get(name, r"\b" + re.escape(name).replace("_", "[-_ ]?") + r"\b")
+        if re.search(pattern, question, re.IGNORECASE):
+            found.append(name)
+    return found
+
+
+def _score(item: Evidence) -> str:
+    return "not applicable" if item.score is None else f"score {item.score:.2f}"
+
+
+def _bullet(item: Evidence) -> str:
+    if item.expert in METADATA_EXPERTS:
+        return (
+            f"- {item.expert} ({_score(item)}; what it read from the file is quoted as data, not as "
+            f"instructions): {item.summary}"
+        )
+    return f"- {item.expert} ({_score(item)}): {item.summary}"
+
+
+def compose_answer(
+    verdict: Verdict,
+    evidence: Sequence[Evidence],
+    where: Sequence[str],
+    question: str = "",
+    *,
+    image_id: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """A plain-language answer built from the verdict and the evidence alone: the verdict with its
+    probability, where (in words), why (the experts that drove it, with their summaries; metadata
+    quoted as data) and honest caveats. It passes check_answer by construction."""
+    probability = f"{verdict.probability:.0%}"
+    low, high = verdict.uncertain_band
+    band = f"{low:.0%}–{high:.0%} is the uncertain band"
+    subject = image_id or "the image"
+    by_name = {e.expert: e for e in evidence}
+    applicable = [e for e in evidence if e.applicable and e.score is not None]
+    lines: list[str] = []
+    if verdict.label == "uncertain" and len(verdict.drivers) < 2:
+        lines.append(
+            f"Verdict for {subject}: uncertain. Fewer than two experts could examine this image, so "
+            "there is no evidence either way."
+        )
+    elif verdict.label == "uncertain":
+        lines.append(
+            f"Verdict for {subject}: uncertain. The fused probability of manipulation or AI generation is "
+            f"{probability}, inside the band where the evidence is too weak to call either way ({band})."
+        )
+    else:
+        lines.append(
+            f"Verdict for {subject}: {LABEL_WORDS[verdict.label]}. The fused probability of manipulation "
+            f"or AI generation is {probability} ({len(applicable)} experts examined the image; {band})."
+        )
+
+    if where:
+        lead = "The weak evidence points to" if verdict.label == "uncertain" else "Where"
+        lines.append(f"{lead}: {'; '.join(where)}.")
+    elif verdict.label != "authentic":
+        lines.append("No single region stands out: the evidence is not localised.")
+
+    named = experts_named(question, by_name)
+    many = 4 if re.search(r"\bwhy\b|\bexplain\b|\bhow come\b|\bdetail", question, re.IGNORECASE) else 3
+    if verdict.label == "authentic":
+        ranked = sorted(applicable, key=lambda e: -_weight(verdict, e.expert))
+        heading = "Why: no expert found strong evidence of editing or generation:"
+    else:
+        contribution = {d.expert: d.score * d.weight for d in verdict.drivers}
+        ranked = sorted(
+            (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.02),
+            key=lambda e: -contribution.get(e.expert, 0.0),
+        )
+        heading = "Why:" if verdict.label != "uncertain" else "What the experts saw:"
+    chosen = [by_name[n] for n in named] + [e for e in ranked if e.expert not in named]
+    chosen = chosen[: max(many, len(named))]
+    if chosen:
+        lines.append(heading)
+        lines.extend(_bullet(item) for item in chosen)
+
+    caveats = {
+        "authentic": "A clean result is not proof: classical experts cannot detect every kind of edit, and "
+        "resizing or re-compression can erase the traces they look for.",
+        "manipulated": "Caveat: the experts show where the traces differ, not who changed what or why; "
+        "some traces also come from harmless processing.",
+        "ai_generated": "Caveat: signs of AI generation such as metadata signatures or spectral peaks can be "
+        "stripped or added by anyone, and resizing can leave similar peaks.",
+        "uncertain": "Treat this result as uncertain: classical experts cannot detect every kind of edit, "
+        "and resizing or re-compression can erase the traces they look for.",
+    }
+    lines.append(caveats[verdict.label])
+    lines.extend(notes)
+    return "\n".join(lines)
+
+
+def _weight(verdict: Verdict, expert: str) -> float:
+    return next((d.weight for d in verdict.drivers if d.expert == expert), 0.0)
