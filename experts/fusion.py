@@ -5,6 +5,11 @@ evidence can be trusted alone, and the weighted scores combine as a noisy-OR,
 
     P(not authentic) = 1 - prod_i (1 - w_i * s_i).
 
+Evidence FOR authenticity (details["supports_authentic"]: a valid Content Credentials signature, our
+watermark intact) does not add to that product; the strongest such support s scales the result down,
+P *= 1 - AUTHENTICITY_SUPPORT * w * (1 - score), so proof of integrity can halve suspicion but not
+erase strong evidence against it.
+
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. The
 learned-experts work replaces the weights with ones fitted on held-out data (the interface stays).
 """
@@ -26,9 +31,13 @@ EXPERT_WEIGHTS: dict[str, float] = {
     "copy_move": 0.9,
     "metadata": 0.9,
     "frequency": 0.5,
+    "c2pa": 0.95,
+    "invisible_watermark": 0.9,
+    "watermark": 0.9,
 }
 DEFAULT_WEIGHT = 0.5
 UNCERTAIN_BAND = (0.35, 0.65)
+AUTHENTICITY_SUPPORT = 0.5
 MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's mask joins the fused mask only when its own score is this high
 
@@ -43,11 +52,15 @@ def fuse(
     weights = {**EXPERT_WEIGHTS, **(weights or {})}
     drivers: list[Driver] = []
     authentic_odds = 1.0
-    synthesis, manipulation = 0.0, 0.0
+    synthesis, manipulation, support = 0.0, 0.0, 0.0
     for item in evidence:
         if not item.applicable or item.score is None:
             continue
         weight = weights.get(item.expert, DEFAULT_WEIGHT)
+        if item.details.get("supports_authentic"):
+            support = max(support, weight * (1.0 - item.score))
+            drivers.append(Driver(item.expert, round(item.score, 4), weight))
+            continue
         contribution = weight * item.score
         authentic_odds *= 1.0 - contribution
         drivers.append(Driver(item.expert, round(item.score, 4), weight))
@@ -55,7 +68,7 @@ def fuse(
             synthesis = max(synthesis, contribution)
         else:
             manipulation = max(manipulation, contribution)
-    probability = float(np.clip(1.0 - authentic_odds, 0.0, 1.0))
+    probability = float(np.clip((1.0 - authentic_odds) * (1.0 - AUTHENTICITY_SUPPORT * support), 0.0, 1.0))
     drivers.sort(key=lambda d: d.score * d.weight, reverse=True)
     low, high = uncertain_band
     if len(drivers) < MIN_EXPERTS_TO_CLEAR and probability <= high:

@@ -57,3 +57,21 @@ def test_strong_localised_evidence_gives_manipulated_with_the_mask():
 def test_generator_signature_gives_ai_generated():
     verdict = fuse([evidence("metadata", 0.95, indicates="ai_generated"), evidence("ela", 0.2)], SHAPE)
     assert verdict.label == "ai_generated"
+
+
+def test_proof_of_integrity_lowers_suspicion_but_cannot_erase_strong_evidence():
+    base = [evidence("ela", 0.6), evidence("noise", 0.4)]
+    plain = fuse(base, SHAPE, weights={"ela": 1.0, "noise": 1.0})
+    signed = fuse(
+        [*base, evidence("c2pa", 0.05, supports_authentic=True)],
+        SHAPE,
+        weights={"ela": 1.0, "noise": 1.0, "c2pa": 1.0},
+    )
+    assert signed.probability == pytest.approx(plain.probability * (1 - 0.5 * 0.95), abs=1e-4)
+    assert "c2pa" in [d.expert for d in signed.drivers]
+    strong = fuse(
+        [evidence("copy_move", 1.0), evidence("ela", 0.9), evidence("c2pa", 0.0, supports_authentic=True)],
+        SHAPE,
+        weights={"copy_move": 1.0, "ela": 1.0, "c2pa": 1.0},
+    )
+    assert strong.label == "uncertain" and strong.probability == 0.5
