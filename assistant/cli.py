@@ -19,6 +19,7 @@ from experts.image import LoadedImage, load_image
 
 # Sub-commands that live in their own module: each has configure_parser(parser) and run(args) -> int.
 COMMANDS = {
+    "chat": ("assistant.commands.chat", "ask the assistant about an image (answers with a checked verdict)"),
     "eval": ("assistant.evaluate", "evaluate experts and fusion on a labelled data set"),
     "sign": ("assistant.commands.sign", "attach C2PA Content Credentials signed with your certificate"),
     "protect": ("assistant.commands.protect", "embed our invisible, tamper-localising watermark"),

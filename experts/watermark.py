@@ -63,6 +63,12 @@ MIN_PERIOD, MAX_PERIOD = 30, 300
 SIGNIFICANCE = 2.0  # standard errors by which a window's gain must fall short of 1 to count
 NOISE_CORRELATION = 4.0  # effective pixels per independent noise sample (chips are 4x4)
 MAX_ANALYSIS_SIDE = 1536  # sync and payload are read from a centred crop at most this big
+BLOCK = 8  # semi-fragile layer: DCT block side, on the robust layer's tile grid
+QIM_STEP = 10.0  # quantiser step of the semi-fragile coefficients (orthonormal DCT of luma)
+QIM_COEFFS = ((0, 1), (1, 0), (0, 2), (1, 1), (2, 1), (2, 2))  # (row, column) frequencies per block
+QIM_WINDOW = 3  # blocks per side of the window over which bit errors are counted
+QIM_READABLE = 0.2  # above this global bit-error rate the semi-fragile layer is unreadable
+QIM_Z = 3.0  # a window counts as changed when its error count is this many standard errors too high
 
 
 class WatermarkError(ExpertError):
@@ -250,7 +256,84 @@ def embed(pixels: np.ndarray, payload: str, key: str = DEFAULT_KEY, psnr: float 
     target_rms = 255.0 / 10 ** (psnr / 20)
     signal *= target_rms / float(np.sqrt((signal**2).mean()))
     marked = pixels.astype(np.float32) + signal[..., None]
+    phase = _offset(data, key)
+    for _ in range(2):  # a second pass re-quantises what clipping at 0 / 255 moved
+        change = _qim_change(_luma(marked), phase, _dither(key, data))
+        marked = np.clip(marked + change[..., None], 0.0, 255.0)
     return np.clip(np.rint(marked), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Semi-fragile layer: dither-modulated (QIM) mid-frequency DCT coefficients of 8x8 luma blocks
+
+
+@lru_cache(maxsize=1)
+def _dct_basis() -> np.ndarray:
+    """The orthonormal 2-D DCT basis images of the QIM coefficients, len(QIM_COEFFS) x BLOCK x BLOCK."""
+    x = np.arange(BLOCK)
+    rows = []
+    for u in range(BLOCK):
+        scale = math.sqrt((1.0 if u == 0 else 2.0) / BLOCK)
+        rows.append(scale * np.cos((2 * x + 1) * u * math.pi / (2 * BLOCK)))
+    matrix = np.array(rows)
+    return np.stack([np.outer(matrix[u], matrix[v]) for u, v in QIM_COEFFS]).astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _dither(key: str, payload: bytes) -> np.ndarray:
+    """Key- and payload-seeded dither, one per coefficient of each block of the tile, in [0, QIM_STEP)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8") + b"|qim|" + payload).digest()[:8], "big")
+    side = TILE // BLOCK
+    return np.random.default_rng(seed).uniform(0.0, QIM_STEP, (side, side, len(QIM_COEFFS))).astype(np.float32)
+
+
+def _blocks(
+    luma: np.ndarray, phase: tuple[int, int], anchor: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """The BLOCK x BLOCK luma blocks of the semi-fragile layer: blocks (rows, cols, BLOCK, BLOCK), the
+    first block's pixel origin and its block index in the tile.
+
+    The tile row of pixel y is (y + phase) % TILE; blocks start at the tile rows that are `anchor` mod
+    BLOCK (anchor = the embedding's phase mod BLOCK, so on embedding the blocks fall on the image's own
+    8x8 grid, JPEG's grid, and after a crop the resync finds them again)."""
+    y0, x0 = (anchor[0] - phase[0]) % BLOCK, (anchor[1] - phase[1]) % BLOCK
+    rows, cols = (luma.shape[0] - y0) // BLOCK, (luma.shape[1] - x0) // BLOCK
+    area = luma[y0 : y0 + rows * BLOCK, x0 : x0 + cols * BLOCK]
+    blocks = area.reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3)
+    first = (
+        ((y0 + phase[0] - anchor[0]) % TILE) // BLOCK,
+        ((x0 + phase[1] - anchor[1]) % TILE) // BLOCK,
+    )
+    return blocks, (y0, x0), first
+
+
+def _block_dither(dither: np.ndarray, shape: tuple[int, int], first: tuple[int, int]) -> np.ndarray:
+    side = dither.shape[0]
+    ys = (first[0] + np.arange(shape[0])) % side
+    xs = (first[1] + np.arange(shape[1])) % side
+    return dither[np.ix_(ys, xs)]
+
+
+def _qim_offsets(luma: np.ndarray, phase: tuple[int, int], anchor: tuple[int, int], dither: np.ndarray):
+    """Each QIM coefficient's distance from its nearest lattice point (rows, cols, coefficients)."""
+    blocks, origin, first = _blocks(luma, phase, anchor)
+    coefficients = np.einsum("abxy,kxy->abk", blocks, _dct_basis())
+    shifted = coefficients - _block_dither(dither, blocks.shape[:2], first)
+    return shifted - QIM_STEP * np.round(shifted / QIM_STEP), origin
+
+
+def _qim_change(luma: np.ndarray, phase: tuple[int, int], dither: np.ndarray) -> np.ndarray:
+    """The luma change that moves every QIM coefficient onto its dithered lattice (at embedding, so
+    the blocks lie on the image's 8x8 grid)."""
+    anchor = (phase[0] % BLOCK, phase[1] % BLOCK)
+    offsets, (y0, x0) = _qim_offsets(luma, phase, anchor, dither)
+    rows, cols = offsets.shape[:2]
+    delta = np.einsum("abk,kxy->abxy", -offsets, _dct_basis()).astype(np.float32)
+    change = np.zeros(luma.shape, np.float32)
+    change[y0 : y0 + rows * BLOCK, x0 : x0 + cols * BLOCK] = delta.transpose(0, 2, 1, 3).reshape(
+        rows * BLOCK, cols * BLOCK
+    )
+    return change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,7 +619,15 @@ def verify(
     if strong_unread and not unique:
         notes.append("a mark of this kind is present but its payload cannot be read (damaged or overwritten)")
         conflict = True
-    gain = tamper_gain(pixels, unique, scale, crop_origin, key) if tamper and unique else None
+    gain = None
+    if tamper and unique:
+        gain = semi_fragile_gain(pixels, unique, scale, crop_origin, key)
+        if gain is None:
+            notes.append(
+                "the semi-fragile layer did not survive the processing; changes are located from the "
+                "robust layer only (coarser)"
+            )
+            gain = tamper_gain(pixels, unique, scale, crop_origin, key)
     mask = _tamper_mask(gain) if gain is not None else None
     return VerifyResult(
         bool(unique), tuple(unique), conflict, scale, top_z, mask, gain, tuple(notes), tuple(decoded)
@@ -561,6 +652,67 @@ def _expected_signal(
     big = _tiled(tile, canonical, phase)
     resized = cv2.resize(big, None, fx=scale[1], fy=scale[0], interpolation=cv2.INTER_LINEAR)
     return resized[:height, :width]
+
+
+def _canonical_phase(decoded: Decoded, scale: tuple[float, float], crop_origin: tuple[int, int]):
+    origin = (round(crop_origin[0] / scale[0]), round(crop_origin[1] / scale[1]))
+    return ((-decoded.offset[0] - origin[0]) % TILE, (-decoded.offset[1] - origin[1]) % TILE)
+
+
+def semi_fragile_gain(
+    pixels: np.ndarray,
+    decoded: list[Decoded],
+    scale: tuple[float, float],
+    crop_origin: tuple[int, int],
+    key: str = DEFAULT_KEY,
+) -> np.ndarray | None:
+    """Intactness of the semi-fragile layer (1 intact, 0 changed) per pixel, or None when the layer is
+    unreadable everywhere (e.g. after a resize or strong compression).
+
+    Each 8x8 block on the tile grid carries len(QIM_COEFFS) dither-modulated bits; a bit is wrong when its
+    coefficient is more than a quarter step from the dithered lattice. Intact blocks show the global
+    error rate p0 (0 on a lossless copy, a few % after JPEG 90); pasted, replaced or moved content
+    does not know the key-seeded dither and shows 50%. Per window of QIM_WINDOW^2 blocks the error
+    count is tested against p0 (normal approximation of the binomial); with several payloads the
+    best-matching one counts at each place."""
+    luma = _luma(pixels)
+    height, width = luma.shape
+    rescaled = abs(scale[0] - 1.0) > 2e-3 or abs(scale[1] - 1.0) > 2e-3
+    if rescaled:
+        size = (max(1, round(width / scale[1])), max(1, round(height / scale[0])))
+        luma = cv2.resize(luma, size, interpolation=cv2.INTER_CUBIC)
+    if min(luma.shape) < QIM_WINDOW * BLOCK + BLOCK:
+        return None
+    bits = len(QIM_COEFFS)
+    rates = []
+    for item in decoded:
+        data = payload_bytes(item.payload or "?")
+        anchor = tuple(v % BLOCK for v in _offset(data, key))
+        phase = _canonical_phase(item, scale, crop_origin)
+        offsets, (y0, x0) = _qim_offsets(luma, phase, anchor, _dither(key, data))
+        errors = (np.abs(offsets) > QIM_STEP / 4).sum(axis=2).astype(np.float32)
+        window = cv2.boxFilter(errors, -1, (QIM_WINDOW, QIM_WINDOW), borderType=cv2.BORDER_REFLECT) / bits
+        full = np.empty(luma.shape, np.float32)
+        rows, cols = window.shape
+        full[y0 : y0 + rows * BLOCK, x0 : x0 + cols * BLOCK] = np.kron(window, np.ones((BLOCK, BLOCK), np.float32))
+        # pixels outside the whole blocks (image borders) take their nearest block's value
+        full[:y0] = full[y0]
+        full[y0 + rows * BLOCK :] = full[y0 + rows * BLOCK - 1]
+        full[:, :x0] = full[:, x0 : x0 + 1]
+        full[:, x0 + cols * BLOCK :] = full[:, x0 + cols * BLOCK - 1 : x0 + cols * BLOCK]
+        rates.append(full)
+    rate = np.min(np.stack(rates), axis=0)
+    baseline = float(np.median(rate))
+    if baseline > QIM_READABLE:
+        return None
+    samples = QIM_WINDOW * QIM_WINDOW * bits
+    p0 = max(baseline, 0.01)
+    significant = rate > p0 + QIM_Z * math.sqrt(p0 * (1 - p0) / samples)
+    gain = np.clip((0.5 - rate) / (0.5 - p0), 0.0, 1.0)
+    gain = np.where(significant, gain, np.maximum(gain, TAMPER_GAIN))
+    if rescaled:
+        gain = cv2.resize(gain, (width, height), interpolation=cv2.INTER_LINEAR)
+    return gain.astype(np.float32)
 
 
 def tamper_gain(
