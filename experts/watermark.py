@@ -624,8 +624,8 @@ def verify(
         gain = semi_fragile_gain(pixels, unique, scale, crop_origin, key)
         if gain is None:
             notes.append(
-                "the semi-fragile layer did not survive the processing; changes are located from the "
-                "robust layer only (coarser)"
+                "the semi-fragile layer did not survive the processing (resize or strong compression); "
+                "changes are located from the robust layer only (coarser)"
             )
             gain = tamper_gain(pixels, unique, scale, crop_origin, key)
     mask = _tamper_mask(gain) if gain is not None else None
@@ -667,7 +667,7 @@ def semi_fragile_gain(
     key: str = DEFAULT_KEY,
 ) -> np.ndarray | None:
     """Intactness of the semi-fragile layer (1 intact, 0 changed) per pixel, or None when the layer is
-    unreadable everywhere (e.g. after a resize or strong compression).
+    unreadable (the image was resized, or compressed harder than about JPEG 80).
 
     Each 8x8 block on the tile grid carries len(QIM_COEFFS) dither-modulated bits; a bit is wrong when its
     coefficient is more than a quarter step from the dithered lattice. Intact blocks show the global
@@ -675,12 +675,9 @@ def semi_fragile_gain(
     does not know the key-seeded dither and shows 50%. Per window of QIM_WINDOW^2 blocks the error
     count is tested against p0 (normal approximation of the binomial); with several payloads the
     best-matching one counts at each place."""
+    if abs(scale[0] - 1.0) > 2e-3 or abs(scale[1] - 1.0) > 2e-3:
+        return None  # resampling smears the 8x8 blocks: partly readable bits would raise false alarms
     luma = _luma(pixels)
-    height, width = luma.shape
-    rescaled = abs(scale[0] - 1.0) > 2e-3 or abs(scale[1] - 1.0) > 2e-3
-    if rescaled:
-        size = (max(1, round(width / scale[1])), max(1, round(height / scale[0])))
-        luma = cv2.resize(luma, size, interpolation=cv2.INTER_CUBIC)
     if min(luma.shape) < QIM_WINDOW * BLOCK + BLOCK:
         return None
     bits = len(QIM_COEFFS)
@@ -710,8 +707,6 @@ def semi_fragile_gain(
     significant = rate > p0 + QIM_Z * math.sqrt(p0 * (1 - p0) / samples)
     gain = np.clip((0.5 - rate) / (0.5 - p0), 0.0, 1.0)
     gain = np.where(significant, gain, np.maximum(gain, TAMPER_GAIN))
-    if rescaled:
-        gain = cv2.resize(gain, (width, height), interpolation=cv2.INTER_LINEAR)
     return gain.astype(np.float32)
 
 
