@@ -13,12 +13,24 @@ Design (numbers from `benchmarks/watermark.py`):
   pattern gives the shift (crop is undone). Each embedding puts its tile grid at its own offset (derived
   from the payload), so a second embedding shows up as a second sync peak instead of silently
   replacing the first: both payloads are decoded and reported as a conflict.
-- **Tamper layer (semi-fragile).** Once the mark is decoded the whole expected watermark signal is
-  regenerated; its local gain in the image (windowed correlation / expected energy) stays near 1
-  under global processing (JPEG, brightness, noise scale it uniformly) and drops to 0 where content
-  was pasted in, replaced or moved (a moved patch carries the pattern at the wrong phase). Edits that
-  keep the fine texture (e.g. a local colour shift) are not flagged: this layer authenticates the
-  texture, not the colours.
+- **Semi-fragile layer (tamper localisation).** Every 8x8 luma block carries 6 low/mid-frequency DCT
+  coefficients (orthonormal DCT, frequencies (0,1) (1,0) (0,2) (1,1) (2,1) (2,2)) quantised onto a
+  key- and payload-seeded dithered lattice of step 10 (dither modulation / QIM, Chen & Wornell, IEEE
+  Trans. Inf. Theory 2001). The blocks lie on the image's own 8x8 grid (JPEG's) at embedding and are
+  anchored to the robust tile grid (the dither follows the block's place in the tile), so the robust
+  layer's resync finds them again after a crop. A bit is wrong when its coefficient lies more than a
+  quarter step from the lattice: intact content shows the global error rate (0 lossless, about 1% at
+  JPEG 90, about 10% at JPEG 80), while anything pasted, replaced or moved, textured or flat, shows
+  50% because it does not know the dither. The tamper map is the error rate over 3x3-block windows,
+  tested against the global rate (binomial, normal approximation), then cleaned morphologically. The
+  layer costs about 0.6 dB (the whole embedding stays above 40 dB) and does not depend on image
+  texture, unlike the robust layer's local gain.
+- **Fallback tamper map.** Where the semi-fragile bits did not survive (a resize, JPEG below about
+  80) the whole expected robust signal is regenerated; its local gain in the image (windowed
+  correlation / expected energy) stays near 1 under global processing and drops to 0 where content
+  was pasted in, replaced or moved. It is coarser and texture can swamp it (a note says so).
+  Neither layer sees an edit that leaves the luma's structure alone (a flat colour or brightness shift
+  of a region moves only the blocks' DC terms): they authenticate the luma's texture, not the colours.
 
 Confidence: the false-alarm probability of a decoded payload is P(sync peak this high by chance) x
 P(CRC-16 matches by chance) x (number of peaks tried); the sync part treats the folded correlation
@@ -284,7 +296,9 @@ def _dither(key: str, payload: bytes) -> np.ndarray:
     """Key- and payload-seeded dither, one per coefficient of each block of the tile, in [0, QIM_STEP)."""
     seed = int.from_bytes(hashlib.sha256(key.encode("utf-8") + b"|qim|" + payload).digest()[:8], "big")
     side = TILE // BLOCK
-    return np.random.default_rng(seed).uniform(0.0, QIM_STEP, (side, side, len(QIM_COEFFS))).astype(np.float32)
+    return (
+        np.random.default_rng(seed).uniform(0.0, QIM_STEP, (side, side, len(QIM_COEFFS))).astype(np.float32)
+    )
 
 
 def _blocks(
@@ -691,7 +705,9 @@ def semi_fragile_gain(
         window = cv2.boxFilter(errors, -1, (QIM_WINDOW, QIM_WINDOW), borderType=cv2.BORDER_REFLECT) / bits
         full = np.empty(luma.shape, np.float32)
         rows, cols = window.shape
-        full[y0 : y0 + rows * BLOCK, x0 : x0 + cols * BLOCK] = np.kron(window, np.ones((BLOCK, BLOCK), np.float32))
+        full[y0 : y0 + rows * BLOCK, x0 : x0 + cols * BLOCK] = np.kron(
+            window, np.ones((BLOCK, BLOCK), np.float32)
+        )
         # pixels outside the whole blocks (image borders) take their nearest block's value
         full[:y0] = full[y0]
         full[y0 + rows * BLOCK :] = full[y0 + rows * BLOCK - 1]
