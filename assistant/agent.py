@@ -427,16 +427,17 @@ class Agent:
     generations, plus one retry when the answer fails the check). experts: the tools offered and the
     experts fused (default: every registered expert). max_new_tokens: the budget of an answer;
     plan_tokens: of the first step, whose text is only used for its tool calls. history_messages: how
-    many earlier messages of the conversation the model sees."""
+    many earlier messages of the conversation the model sees. The budgets fit a reply of one tool
+    call (a backend stops right after `</tool_call>`) and an answer of about 100 words."""
 
     def __init__(
         self,
         backend: Backend,
         max_steps: int = 4,
         experts: Iterable[str] | None = None,
-        max_new_tokens: int = 384,
+        max_new_tokens: int = 160,
         history_messages: int = 24,
-        plan_tokens: int = 160,
+        plan_tokens: int = 96,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -530,7 +531,7 @@ class Agent:
     def _final(self, turn: _Turn, messages: list[Message]) -> str:
         """The model's answer once the tools have run: asked for explicitly, without tools."""
         instruction = Message("user", self._answer_instruction(turn))
-        text = self._generate([*messages, instruction], (), turn)
+        text = self._generate([*messages, instruction], self._answer_tools(), turn)
         attempts, remaining = self._parse(turn.conversation, text)
         for attempt in attempts:
             self._record_invalid(turn, [_refused(attempt)])
@@ -565,13 +566,22 @@ class Agent:
             *turn.messages,
         ]
         retry_messages = [*history, Message("assistant", candidate), Message("user", feedback)]
-        retry_text = self._generate(retry_messages, (), turn)
+        retry_text = self._generate(retry_messages, self._answer_tools(), turn)
         attempts, retry = self._parse(turn.conversation, retry_text)
         for attempt in attempts:
             self._record_invalid(turn, [_refused(attempt)])
         if retry.strip() and not check_answer(retry, verdict, evidence, where, **check):
             return retry, False, tuple(problems)
         return self._compose(turn, question, analysis), True, tuple(problems)
+
+    def _answer_tools(self) -> Sequence[dict]:
+        """The tools shown with the answer steps (the final answer and its retry): none, except to a
+        backend that writes them into the system message because its chat template cannot render them
+        (SmolLM2). There they stay, so that every step of a turn, and the next turn, starts with the
+        same prompt prefix and the backend reuses its KV cache of it. The answer instruction still asks
+        for no tool call, and any call in an answer is refused, never run."""
+        support = getattr(self.backend, "support", None)
+        return self.tools if support is not None and not getattr(support, "tools", True) else ()
 
     # -- tools ------------------------------------------------------------------------------------
 

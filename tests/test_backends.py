@@ -367,3 +367,134 @@ def test_registry_and_errors(tmp_path: Path, tiny_text_model: Path) -> None:
         load_backend(tiny_text_model, adapter=tmp_path / "missing", device="cpu")
     with pytest.raises(ModelNotAvailableError, match="no LoRA adapter"):
         load_backend("embedded", adapter=tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping early and reusing the prompt's KV cache
+
+
+def test_repeated_tail_finds_loops_and_leaves_ordinary_text_alone() -> None:
+    from assistant.backends.chat import repeated_tail
+
+    assert not repeated_tail(list(range(40)))
+    assert repeated_tail([5] * 8) and not repeated_tail([5] * 7)  # one token, again and again
+    assert repeated_tail([1, 2, 3] * 3)  # a short block three times, 9 >= 8 tokens
+    assert not repeated_tail([9, 1, 2, 3, 1, 2, 3])  # twice is not a loop
+    phrase = list(range(100, 110))  # an 8+-token phrase said for the third time, with text between
+    assert repeated_tail([*phrase, 1, *phrase, 2, 3, *phrase])
+    assert not repeated_tail([*phrase, 1, *phrase])
+
+
+def test_stop_rule_stops_after_the_stop_string_and_at_repeated_lines() -> None:
+    from assistant.backends.chat import TOOL_CALL_END, StopRule, stop_rule
+
+    assert stop_rule([ELA_TOOL]).stop_strings == (TOOL_CALL_END,) and stop_rule(()).stop_strings == ()
+    rule = StopRule((TOOL_CALL_END,))
+    text = ""
+    for piece in ['<tool_call>{"name": "ela", "arguments": {}}</tool', "_call", ">"]:
+        text += piece
+        stopped = rule([], text)
+    assert stopped and rule.reason == "stop string '</tool_call>'"
+    assert not StopRule(())([], text)
+    lines = StopRule(())
+    assert not lines([], "The image is fine.\nThe image is fine.\n")
+    assert not lines([], "The image is fine.\nThe image is fine.\nThe image is fine.")  # may still grow
+    assert lines([], "The image is fine.\nThe image is fine.\nThe image is fine.\n")
+    assert lines.reason == "repeated line"
+    assert not StopRule(())([], "\n\n\n\n")  # blank lines are not a loop
+
+
+@pytest.mark.parametrize("backend_kind", ["embedded", "transformers"])
+def test_generation_stops_right_after_a_stop_string(
+    backend_kind: str, embedded: EmbeddedBackend, tiny_text_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends end a reply as soon as the shared stop rule says so: here at a stop string taken
+    from the middle of the reply they would otherwise write (the same loop ends at `</tool_call>`)."""
+    from assistant.backends import chat, transformers_backend
+    from assistant.backends import embedded as embedded_module
+
+    backend = embedded if backend_kind == "embedded" else load_backend(str(tiny_text_model), device="cpu")
+    full = backend.generate(QUESTION, max_new_tokens=16)
+    ids = backend.tokenizer(full, add_special_tokens=False)["input_ids"]
+    stop = backend.tokenizer.decode(ids[4:6])
+    assert stop.strip() and full.count(stop) >= 1
+    module = embedded_module if backend_kind == "embedded" else transformers_backend
+    monkeypatch.setattr(module, "stop_rule", lambda tools: chat.StopRule((stop,)))
+    pieces: list[str] = []
+    short = backend.generate(QUESTION, max_new_tokens=16, on_token=pieces.append)
+    assert short == "".join(pieces)
+    assert full.startswith(short) and stop in short and len(short) < len(full)
+    assert short.index(stop) + len(stop) >= len(short) - len(backend.tokenizer.decode(ids[5:6]))
+
+
+def test_the_embedded_model_stops_when_it_loops(embedded: EmbeddedBackend) -> None:
+    from assistant.backends.chat import repeated_tail
+
+    tool = {"type": "function", "function": {"name": "ela", "description": "Error level analysis."}}
+    reply = embedded.generate([Message("user", "Is this image fake?")], [tool], max_new_tokens=160)
+    ids = embedded.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    assert embedded.stop_reason == "repetition" and repeated_tail(ids)
+    assert len(ids) < 120  # the untrained model loops long before the budget runs out
+
+
+def test_prefix_cache_gives_the_same_replies(embedded: EmbeddedBackend) -> None:
+    """Greedy replies are identical with and without reusing the previous reply's KV cache, over the
+    steps of a turn (the prompt grows), a new turn, a shorter prompt and an unrelated one."""
+    fresh = EmbeddedBackend(embedded.model, embedded.tokenizer, embedded.info, False, prefix_cache=False)
+    reusing = EmbeddedBackend(embedded.model, embedded.tokenizer, embedded.info, False, prefix_cache=True)
+    system = Message("system", "You are an image-forensics assistant. Answer briefly.")
+    call = ToolCall("ela", {"image": "image_1"})
+    step_1 = [system, Message("user", "Is this image edited?")]
+    step_2 = [
+        *step_1,
+        Message("assistant", "", tool_calls=(call,)),
+        Message("tool", "ELA score 0.81 in the upper-left quarter.", name="ela"),
+        Message("user", "Write the answer for the person now."),
+    ]
+    turn_2 = [*step_2, Message("assistant", "The upper-left was edited."), Message("user", "Why?")]
+    conversations = [step_1, step_2, turn_2, step_1, QUESTION, turn_2]
+    reused = []
+    for messages in conversations:
+        tools = [ELA_TOOL] if messages is step_1 else []
+        expected = fresh.generate(messages, tools, max_new_tokens=12)
+        assert fresh.reused_tokens == 0
+        assert reusing.generate(messages, tools, max_new_tokens=12) == expected
+        reused.append(reusing.reused_tokens)
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] > reused[1] and reused[3] > 0
+    assert reused[4] <= 5  # an unrelated prompt shares little more than the template's opening
+
+
+def test_compact_tool_lines_keep_what_a_call_needs(embedded: EmbeddedBackend) -> None:
+    from assistant.agent import Agent, Conversation
+    from assistant.backends.chat import IMAGE_ARGUMENT_LINE, tool_line, tools_block
+    from assistant.tools import tool_schemas
+
+    tools = tool_schemas()
+    block = tools_block(tools)
+    lines = block.splitlines()
+    assert len(lines) == len(tools) + 4 and IMAGE_ARGUMENT_LINE in lines
+    by_name = {tool["function"]["name"]: tool_line(tool) for tool in tools}
+    assert by_name["ela"].startswith("- ela: Error level analysis") and "qualities" not in by_name["ela"]
+    assert '"enum": ["ela", ' in by_name["show_map"] and "(required: expert)" in by_name["show_map"]
+    assert '"image_a": {"type": "string"}' in by_name["compare_images"]
+    agent = Agent(embedded)
+    conversation = Conversation()
+    conversation.add_image(_picture())
+    text, _ = embedded.prompt([agent._system(conversation, "image_1")], agent.tools)
+    assert embedded.count_tokens(text) <= 950  # was ~2,800 with the full JSON schemas
+
+
+def test_threads_can_be_set_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from assistant.backends.chat import THREADS_ENV, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(THREADS_ENV, "1")
+        assert configure_threads() == 1 == torch.get_num_threads()
+        monkeypatch.delenv(THREADS_ENV)
+        assert configure_threads() == 1  # unset: torch's current choice is left alone
+        monkeypatch.setenv(THREADS_ENV, "many")
+        with pytest.raises(ValueError, match="FORENSICS_THREADS"):
+            configure_threads()
+    finally:
+        torch.set_num_threads(before)

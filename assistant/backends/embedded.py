@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,16 @@ import torch
 from torch import nn
 
 from assistant.backends.base import Message, ModelInfo, TokenCallback
-from assistant.backends.chat import TemplateSupport, TextStream, chat_dicts, pick_device, pick_dtype
+from assistant.backends.chat import (
+    StopRule,
+    TemplateSupport,
+    TextStream,
+    chat_dicts,
+    configure_threads,
+    pick_device,
+    pick_dtype,
+    stop_rule,
+)
 from experts.base import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
@@ -229,10 +239,24 @@ class EmbeddedVLM(nn.Module):
 
 
 class EmbeddedBackend:
-    """The default backend: EmbeddedVLM behind the Backend interface (greedy, streaming)."""
+    """The default backend: EmbeddedVLM behind the Backend interface (greedy, streaming).
 
-    def __init__(self, model: EmbeddedVLM, tokenizer: Any, info: ModelInfo, use_images: bool) -> None:
+    A reply ends at end-of-turn, after the first `</tool_call>` when tools are offered, or when it
+    starts looping (chat.StopRule). prefix_cache: keep the KV cache of the last reply's tokens and
+    start the next one from the longest prefix it shares with them (the system prompt, the tools and
+    the history are the same for every step of a turn and across turns); text-only prompts only."""
+
+    def __init__(
+        self, model: EmbeddedVLM, tokenizer: Any, info: ModelInfo, use_images: bool, prefix_cache: bool = True
+    ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
+        self._cached_ids: list[int] = []  # the tokens whose keys and values are in _cache
+        self._cache: Any = None
+        self._lock = threading.Lock()  # one reply at a time: the cache is shared state
+        self.reused_tokens = 0  # prompt tokens the last reply took from the cache (not computed again)
+        # Why the last reply ended: "end of turn", "max_new_tokens" or the stop rule's reason.
+        self.stop_reason = ""
         self.tokenizer = tokenizer
         self.info = info
         self.use_images = use_images
@@ -308,33 +332,83 @@ class EmbeddedBackend:
             )
         max_new_tokens = min(max_new_tokens, self.context - length)
         stream = TextStream(self.tokenizer, on_token)
-        with torch.inference_mode():
+        rule = stop_rule(tools)
+        with self._lock, torch.inference_mode():
             if images:
+                self._forget()
                 first = {"inputs_embeds": self.model.inputs_embeds(segments, images)}
+                self._greedy(first, [], max_new_tokens, stream, rule)
             else:
-                first = {"input_ids": segments[0].unsqueeze(0)}
-            self._greedy(first, max_new_tokens, stream)
+                self._greedy({}, segments[0].tolist(), max_new_tokens, stream, rule)
         return stream.end()
 
-    def _greedy(self, first: dict[str, torch.Tensor], max_new_tokens: int, stream: TextStream) -> None:
-        """Greedy decoding with a KV cache, one token per step, stopping at end-of-turn. A plain loop
-        rather than `generate`: the same code path for ids and embeddings, and nothing to configure."""
+    def _forget(self) -> None:
+        self._cached_ids, self._cache = [], None
+
+    def _start(self, prompt: list[int]) -> tuple[Any, int]:
+        """A KV cache holding the first `start` tokens of the prompt, and `start`: the longest prefix the
+        prompt shares with the cached tokens, less at least one token (the last prompt token must run
+        to give the first logits). A fresh cache when nothing is shared or reuse is off."""
         from transformers import DynamicCache
 
+        shared = 0
+        if self.prefix_cache and self._cache is not None:
+            limit = min(len(self._cached_ids), len(prompt) - 1)
+            while shared < limit and self._cached_ids[shared] == prompt[shared]:
+                shared += 1
+        if shared == 0:
+            self._forget()
+            return DynamicCache(config=self.model.language_model.config), 0
+        cache = self._cache
+        extra = cache.get_seq_length() - shared
+        if extra > 0:
+            cache.crop(-extra)  # negative: drop that many tokens from the end
+        return cache, shared
+
+    def _greedy(
+        self,
+        first: dict[str, torch.Tensor],
+        prompt: list[int],
+        max_new_tokens: int,
+        stream: TextStream,
+        rule: StopRule,
+    ) -> None:
+        """Greedy decoding with a KV cache, one token per step, stopping at end-of-turn or when `rule`
+        says so. A plain loop rather than `generate`: the same code path for ids and embeddings, and
+        nothing to configure. With `prompt` (token ids; `first` is then empty) the cache starts from
+        the longest prefix shared with the previous reply, and is kept for the next one."""
         language_model = self.model.language_model
-        cache = DynamicCache(config=language_model.config)
+        self.reused_tokens = 0
+        if prompt:
+            cache, start = self._start(prompt)
+            self.reused_tokens = start
+            first = {"input_ids": torch.tensor([prompt[start:]], dtype=torch.long, device=self.device)}
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=language_model.config)
+        fed = list(prompt)  # the tokens whose keys and values are in the cache once `first` has run
+        self._forget()  # until this reply finishes, the cache matches no token list
         output = language_model(**first, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.stop_reason = "max_new_tokens"
         for step in range(max_new_tokens):
             token = int(output.logits[0, -1].argmax())
             if token in self.stop_ids:
-                return
+                self.stop_reason = "end of turn"
+                break
             stream.put([token])
+            if rule(stream.ids, stream.decoded):
+                self.stop_reason = rule.reason or ""
+                break
             if step + 1 == max_new_tokens:
-                return
+                break
             next_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
             output = language_model(
                 input_ids=next_ids, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1
             )
+            fed.append(token)
+        if prompt and self.prefix_cache:
+            self._cached_ids, self._cache = fed, output.past_key_values
 
 
 def load_embedded(
@@ -364,6 +438,7 @@ def load_embedded(
     )
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
+    threads = configure_threads() if device == "cpu" else None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     language_model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
@@ -414,6 +489,7 @@ def load_embedded(
             "tools": "chat template" if support.tools else "system-message block (the template has no tools)",
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
+            "threads": threads if threads is not None else torch.get_num_threads(),
             "context": int(getattr(language_model.config, "max_position_embeddings", 8192)),
             "weights": str(model_dir),
             "gguf_sha256": GGUF_SHA256,

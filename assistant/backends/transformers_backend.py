@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from assistant.backends.base import Message, ModelInfo, TokenCallback
 from assistant.backends.chat import (
+    StopRule,
     TemplateSupport,
     TextStream,
     chat_dicts,
     openai_tools,
     pick_device,
     pick_dtype,
+    stop_rule,
 )
 from experts.base import ModelNotAvailableError
 
@@ -48,6 +51,21 @@ class _GenerateStreamer:
 
     def end(self) -> None:
         pass
+
+
+class _StopCriteria(StoppingCriteria):
+    """chat.StopRule as a transformers stopping criterion: it reads the reply from the generated ids
+    (everything after the prompt), whatever order generate calls it and the streamer in."""
+
+    def __init__(self, tokenizer: Any, rule: StopRule, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.rule = rule
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        ids = input_ids[0, self.prompt_length :].tolist()
+        done = self.rule(ids, self.tokenizer.decode(ids, skip_special_tokens=True))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersBackend:
@@ -107,8 +125,14 @@ class TransformersBackend:
         config = copy.deepcopy(self.generation_config)
         config.max_new_tokens = max_new_tokens
         stream = TextStream(self.tokenizer, on_token)
+        stop = _StopCriteria(self.tokenizer, stop_rule(tools), inputs["input_ids"].shape[1])
         with torch.inference_mode():
-            self.model.generate(**inputs, generation_config=config, streamer=_GenerateStreamer(stream))
+            self.model.generate(
+                **inputs,
+                generation_config=config,
+                streamer=_GenerateStreamer(stream),
+                stopping_criteria=StoppingCriteriaList([stop]),
+            )
         return stream.end()
 
 
