@@ -469,7 +469,21 @@ def check_answer(
                 f"The answer places the evidence in the {_place_names(stated)}, but the evidence is only in: "
                 f"{'; '.join(where) or _place_names(allowed)}."
             )
+    problems += _form_problems(text)
     return list(dict.fromkeys(problems))
+
+
+def _form_problems(text: str) -> list[str]:
+    """An answer that loops or stops mid-sentence is not one a person can read, even when every label
+    and number in it is right."""
+    problems = []
+    sentences = [re.sub(r"[^a-z0-9 ]+", "", s.lower()).strip() for s in _SENTENCE.split(text)]
+    long_sentences = [s for s in sentences if len(s) > 20]
+    if len(long_sentences) != len(set(long_sentences)):
+        problems.append("The answer repeats itself.")
+    if text.strip() and not re.search(r"[.!?)\"”']\s*$", text.strip()):
+        problems.append("The answer stops mid-sentence.")
+    return problems
 
 
 def _probability_context(

@@ -564,3 +564,15 @@ def test_composed_answers_for_the_samples_pass_the_check():
         assert f"{analysis.verdict.probability:.0%}" in text
         for phrase in where:
             assert phrase in text
+
+
+def test_check_answer_refuses_answers_that_loop_or_stop_mid_sentence():
+    analysis = analyze(splice())
+    verdict, evidence = analysis.verdict, analysis.evidence
+    looping = (
+        "The image is manipulated (90%). The evidence is not identifiable. The evidence is not identifiable."
+    )
+    assert "The answer repeats itself." in check_answer(looping, verdict, evidence, [])
+    cut = "The image is manipulated (90%). The evidence is not"
+    assert "The answer stops mid-sentence." in check_answer(cut, verdict, evidence, [])
+    assert check_answer("The image is manipulated (90%).", verdict, evidence, []) == []
