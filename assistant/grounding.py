@@ -483,7 +483,18 @@ def _form_problems(text: str) -> list[str]:
         problems.append("The answer repeats itself.")
     if text.strip() and not re.search(r"[.!?)\"”']\s*$", text.strip()):
         problems.append("The answer stops mid-sentence.")
+    if _ECHO.search(text):
+        problems.append("The answer repeats the instructions or the check's feedback instead of answering.")
     return problems
+
+
+# Phrases of prompts/answer.md and prompts/feedback.md, and of this check's own problems: a small model
+# that copies them back has not answered, even when the verdict it copied is right.
+_ECHO = re.compile(
+    r"\b(?:your|the) answer (?:does|doesn't|states|repeats|stops|calls|denies|names|places|talks)\b"
+    r"|exactly as fused|does not match the evidence|rewrite the answer",
+    re.IGNORECASE,
+)
 
 
 def _probability_context(

@@ -576,3 +576,5 @@ def test_check_answer_refuses_answers_that_loop_or_stop_mid_sentence():
     cut = "The image is manipulated (90%). The evidence is not"
     assert "The answer stops mid-sentence." in check_answer(cut, verdict, evidence, [])
     assert check_answer("The image is manipulated (90%).", verdict, evidence, []) == []
+    echo = "The answer does not match the evidence. The image is manipulated (90%)."
+    assert any("repeats the instructions" in p for p in check_answer(echo, verdict, evidence, []))
