@@ -1,0 +1,40 @@
+"""The training data: rows of ../shared/data/manifest.csv by dataset, split and label, read as RGB
+uint8 arrays (masks as bool). Splits are used as given: train on `train`, tune on `val`, never `test`
+(../shared/data/README.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from assistant.evaluate import EvalItem, default_manifest, read_manifest
+
+
+def manifest_items(
+    datasets: Sequence[str],
+    split: str,
+    labels: Sequence[str] | None = None,
+    manifest: Path | None = None,
+) -> list[EvalItem]:
+    """Manifest rows of these datasets and split (and labels, when given), in manifest order."""
+    if split == "test":
+        raise ValueError("training recipes never read the test split")
+    items = read_manifest(manifest or default_manifest(), split=split, datasets=list(datasets))
+    return [item for item in items if labels is None or item.label in labels]
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def read_mask(path: Path | str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A ground-truth mask as bool, resized (nearest) to (height, width) when the image differs."""
+    with Image.open(path) as image:
+        mask = image.convert("L")
+        if shape and mask.size != (shape[1], shape[0]):
+            mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+        return np.asarray(mask) > 127
