@@ -38,6 +38,8 @@ from assistant.grounding import (
     check_answer,
     compose_answer,
     experts_named,
+    form_problems,
+    tidy_answer,
 )
 from assistant.report import where_phrases
 from assistant.tools import (
@@ -547,6 +549,7 @@ class Agent:
         verdict, evidence, where, others = self._grounds(turn, analysis)
         require = intent.wants_verdict or fallback
         check = dict(others=others, require_verdict=require, numbers=turn.numbers)
+        candidate = tidy_answer(candidate)
         problems = (
             check_answer(candidate, verdict, evidence, where, **check)
             if candidate.strip()
@@ -554,6 +557,10 @@ class Agent:
         )
         if not problems:
             return candidate, False, ()
+        if form_problems(candidate):
+            # An answer that loops or copies the prompt back even after tidying: a retry of the same
+            # small model does not recover from that, so the grounded composition answers at once.
+            return self._compose(turn, question, analysis), True, tuple(problems)
         feedback = load_prompt(
             "feedback",
             problems="\n".join(f"- {p}" for p in problems),
@@ -568,6 +575,7 @@ class Agent:
         retry_messages = [*history, Message("assistant", candidate), Message("user", feedback)]
         retry_text = self._generate(retry_messages, self._answer_tools(), turn)
         attempts, retry = self._parse(turn.conversation, retry_text)
+        retry = tidy_answer(retry)
         for attempt in attempts:
             self._record_invalid(turn, [_refused(attempt)])
         if retry.strip() and not check_answer(retry, verdict, evidence, where, **check):

@@ -469,11 +469,36 @@ def check_answer(
                 f"The answer places the evidence in the {_place_names(stated)}, but the evidence is only in: "
                 f"{'; '.join(where) or _place_names(allowed)}."
             )
-    problems += _form_problems(text)
+    problems += form_problems(text)
     return list(dict.fromkeys(problems))
 
 
-def _form_problems(text: str) -> list[str]:
+def tidy_answer(text: str) -> str:
+    """A small model's answer with its loop and its unfinished tail cut off: everything from the
+    first sentence it repeats, and a last sentence the token budget cut short, when whole sentences
+    come before them. What is left is still checked like any answer."""
+    text = text.strip()
+    spans: list[tuple[int, int]] = []  # (start, end) of each sentence or line in text
+    position = 0
+    for piece in _SENTENCE.split(text):
+        if piece.strip():
+            start = text.index(piece, position)
+            spans.append((start, start + len(piece)))
+            position = start + len(piece)
+    seen: set[str] = set()
+    kept = 0
+    for start, end in spans:
+        key = re.sub(r"[^a-z0-9 ]+", "", text[start:end].lower()).strip()
+        if len(key) > 20 and key in seen:
+            break
+        seen.add(key)
+        kept += 1
+    if kept > 1 and not re.search(r"[.!?)\"”']\s*$", text[: spans[kept - 1][1]]):
+        kept -= 1
+    return text[: spans[kept - 1][1]].rstrip() if 0 < kept < len(spans) else text
+
+
+def form_problems(text: str) -> list[str]:
     """An answer that loops or stops mid-sentence is not one a person can read, even when every label
     and number in it is right."""
     problems = []

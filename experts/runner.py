@@ -1,5 +1,7 @@
 """run_experts(): runs experts on an image, times them, and caches results per
-(image sha256, expert, version, parameters) so follow-up questions cost nothing."""
+(image sha256, expert, version, parameters) so follow-up questions cost nothing. The cache is bounded
+by the bytes of the maps it holds (full-size heatmaps and masks), not by a count, so a long session
+over large images keeps a steady memory footprint."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from experts.registry import available_experts, get_expert
 log = logging.getLogger(__name__)
 
 _CACHE: OrderedDict[tuple, Evidence] = OrderedDict()
-CACHE_SIZE = 256
+CACHE_BYTES = 256 * 1024 * 1024  # about the maps of all experts on 10 twelve-megapixel photos
 
 
 def run_expert(image: LoadedImage, name: str, params: Mapping[str, Any] | None = None) -> Evidence:
@@ -48,9 +50,13 @@ def run_expert(image: LoadedImage, name: str, params: Mapping[str, Any] | None =
         evidence, seconds=round(time.perf_counter() - start, 4), version=expert.version
     )
     _CACHE[key] = evidence
-    if len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    while len(_CACHE) > 1 and sum(map(_nbytes, _CACHE.values())) > CACHE_BYTES:
+        _CACHE.popitem(last=False)  # least recently used first
     return evidence
+
+
+def _nbytes(evidence: Evidence) -> int:
+    return sum(a.nbytes for a in (evidence.heatmap, evidence.mask) if a is not None) + 1024
 
 
 def run_experts(

@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation, Event, triage_plan
 from assistant.analysis import analyze
 from assistant.backends.base import Backend, ModelInfo
-from assistant.grounding import check_answer, compose_answer
+from assistant.grounding import check_answer, compose_answer, tidy_answer
 from assistant.report import where_phrases
 from experts import samples
 from experts.base import Driver, Evidence, Verdict
@@ -578,3 +578,30 @@ def test_check_answer_refuses_answers_that_loop_or_stop_mid_sentence():
     assert check_answer("The image is manipulated (90%).", verdict, evidence, []) == []
     echo = "The answer does not match the evidence. The image is manipulated (90%)."
     assert any("repeats the instructions" in p for p in check_answer(echo, verdict, evidence, []))
+
+
+def test_tidy_answer_cuts_a_loop_and_an_unfinished_tail():
+    looping = "Manipulated (90%). The ELA map is bright in the centre. The ELA map is bright in the centre. A"
+    assert tidy_answer(looping) == "Manipulated (90%). The ELA map is bright in the centre."
+    listed = "Verdict: manipulated.\n- one point.\n- cut sho"
+    assert tidy_answer(listed) == "Verdict: manipulated.\n- one point."
+    assert tidy_answer("A whole answer.") == "A whole answer."
+    assert tidy_answer("only a fragment") == "only a fragment"  # nothing whole to keep: the check decides
+
+
+def test_a_looping_answer_is_tidied_and_kept_without_a_retry():
+    again = "The centre was edited by someone."
+    looping = f"The image is manipulated (90%). It was edited. {again} {again} It was"
+    backend = ScriptedBackend(call("ela"), looping)
+    answer = Agent(backend).ask(Conversation(), "Is this fake?", [splice()])
+    assert len(backend.calls) == 2
+    assert answer.text == f"The image is manipulated (90%). It was edited. {again}"
+    assert not answer.corrected
+
+
+def test_an_answer_that_echoes_the_prompt_is_composed_at_once():
+    echo = "The answer does not match the evidence. Rewrite the answer."
+    backend = ScriptedBackend(call("ela"), echo, "never asked for")
+    answer = Agent(backend).ask(Conversation(), "Is this fake?", [splice()])
+    assert len(backend.calls) == 2  # plan, answer; no retry
+    assert answer.corrected and answer.text.startswith("Verdict for image_1: manipulated.")
