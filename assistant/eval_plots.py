@@ -16,11 +16,11 @@ from assistant.evaluate import (
     ImageRecord,
     fit_mask,
     format_cell,
-    fused_heatmap,
     read_mask,
     transform_image,
 )
 from assistant.metrics import CALIBRATION_BINS, DECISION_THRESHOLD, reliability_bins, roc_curve
+from experts.fusion import fused_heatmap
 from experts.image import load_image
 
 log = logging.getLogger(__name__)

@@ -65,8 +65,8 @@ from assistant.metrics import (
     image_metrics,
     pixel_scores,
 )
-from experts.base import Analysis, Evidence, ForensicsError
-from experts.fusion import UNCERTAIN_BAND
+from experts.base import Analysis, ForensicsError
+from experts.fusion import UNCERTAIN_BAND, fused_heatmap
 from experts.image import LoadedImage, load_image
 from experts.registry import available_experts, get_expert
 
@@ -401,22 +401,6 @@ def _checked_shape(
     return None
 
 
-def fused_heatmap(evidence: Iterable[Evidence], shape: tuple[int, int]) -> np.ndarray | None:
-    """Pixel-wise noisy-OR of the applicable experts' heatmaps, each scaled by its fusion weight, the
-    pixel analogue of experts.fusion's image-level noisy-OR; None when no expert gave a heatmap."""
-    from experts import fusion
-
-    weights = getattr(fusion, "EXPERT_WEIGHTS", {})
-    default_weight = getattr(fusion, "DEFAULT_WEIGHT", 0.5)
-    untouched = np.ones(shape, np.float32)
-    found = False
-    for item in evidence:
-        if item.applicable and item.heatmap is not None and item.heatmap.shape == shape:
-            untouched *= 1.0 - np.float32(weights.get(item.expert, default_weight)) * item.heatmap
-            found = True
-    return np.clip(1.0 - untouched, 0.0, 1.0).astype(np.float32) if found else None
-
-
 def summarize(records: Sequence[ImageRecord], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per expert (and "fused"): coverage, image metrics on applicable images and on all images (n/a
     as 0), pixel metrics averaged over manipulated images with masks, and median seconds per image."""
@@ -669,7 +653,7 @@ def write_outputs(
             "zero; null when the expert never gave one",
             "f1_at_0.5": "heatmap >= 0.5",
             "f1_best_threshold_optimistic": "best threshold t > 0 chosen per image with the ground truth",
-            "fused_heatmap": "pixel-wise noisy-OR of fusion weight x expert heatmap",
+            "fused_heatmap": "the fusion's pixel model over the experts' heatmaps (0.5: its threshold)",
             "fused_mask": "the verdict's mask (empty when None)",
             "median_seconds": "Evidence.seconds per expert; whole analysis for fused",
             "peak_mb": f"tracemalloc peak over the first {evaluation.memory_probe_images} images "
@@ -735,8 +719,8 @@ TABLE_NOTES = (
     "AUC, AP, acc (score >= 0.5) and ECE (10 bins) are over the images where the expert is "
     'applicable (its coverage); "AUC all" scores n/a as 0. Pixel metrics are averaged over '
     'manipulated images with masks, a missing map counting as empty; "best-thr" picks each image\'s '
-    "threshold with the ground truth and is optimistic. Fused heatmap: noisy-OR of fusion weight x "
-    "expert heatmap; fused mask: the verdict's mask. Peak MB: tracemalloc peak over {probe} image(s) "
+    "threshold with the ground truth and is optimistic. Fused heatmap: the fusion's pixel model over the "
+    "experts' heatmaps; fused mask: the verdict's mask. Peak MB: tracemalloc peak over {probe} image(s) "
     "(Python and numpy allocations). — means not measurable (one class only, or no maps)."
 )
 

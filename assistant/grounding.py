@@ -280,7 +280,7 @@ def _grounded_numbers(
     for verdict in verdicts:
         numbers.update((verdict.probability, 1.0 - verdict.probability, *verdict.uncertain_band))
         for driver in verdict.drivers:
-            numbers.update((driver.score, driver.weight))
+            numbers.update((driver.score, driver.weight, driver.contribution))
         numbers.add(len(verdict.drivers))
     numbers.update((len(evidence), sum(e.applicable for e in evidence)))
     for item in evidence:
@@ -642,9 +642,9 @@ def compose_answer(
         ranked = sorted(applicable, key=lambda e: -_weight(verdict, e.expert))
         heading = "Why: no expert found strong evidence of editing or generation:"
     else:
-        contribution = {d.expert: d.score * d.weight for d in verdict.drivers}
+        contribution = {d.expert: d.contribution for d in verdict.drivers}
         ranked = sorted(
-            (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.02),
+            (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.1),
             key=lambda e: -contribution.get(e.expert, 0.0),
         )
         heading = "Why:" if verdict.label != "uncertain" else "What the experts saw:"
@@ -670,4 +670,5 @@ def compose_answer(
 
 
 def _weight(verdict: Verdict, expert: str) -> float:
-    return next((d.weight for d in verdict.drivers if d.expert == expert), 0.0)
+    """How strongly an expert spoke for authenticity (the defence ranks first in a clean verdict)."""
+    return -next((d.contribution for d in verdict.drivers if d.expert == expert), 0.0)

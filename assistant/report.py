@@ -85,7 +85,10 @@ def report_dict(analysis: Analysis, image: LoadedImage, files: dict[str, Any] | 
             "label": verdict.label,
             "probability": verdict.probability,
             "uncertain_band": list(verdict.uncertain_band),
-            "drivers": [{"expert": d.expert, "score": d.score, "weight": d.weight} for d in verdict.drivers],
+            "drivers": [
+                {"expert": d.expert, "score": d.score, "weight": d.weight, "contribution": d.contribution}
+                for d in verdict.drivers
+            ],
             "mask": files.get("mask"),
             "where": where_phrases(verdict.mask, image.orientation),
         },

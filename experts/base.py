@@ -94,11 +94,14 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Driver:
-    """One expert's part in a verdict."""
+    """One expert's part in a verdict: its score, the weight the fusion gives that score, and its
+    contribution to the verdict's log-odds (positive: evidence against authenticity, the
+    prosecution; negative: evidence for it, the defence)."""
 
     expert: str
     score: float
     weight: float
+    contribution: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)

@@ -63,5 +63,14 @@ def load_weights(name: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def load_metadata(name: str) -> dict[str, str]:
+    """The string metadata stored in a shipped weight file's header (load_weights checks the file)."""
+    from safetensors import safe_open
+
+    load_weights(name)
+    with safe_open(weights_file(name), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def available(name: str) -> bool:
     return weights_file(name).is_file() and card_file(name).is_file()

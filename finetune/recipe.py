@@ -107,6 +107,7 @@ def ship_weights(
     config: RecipeConfig,
     scores: Mapping[str, Any],
     command: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write experts/weights/<name>.safetensors and its model card <name>.md (the card's text, then
     the command, configuration, scores, size and sha256 that experts.learned checks on load)."""
@@ -115,7 +116,7 @@ def ship_weights(
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     path = weights_file(name)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    save_file(tensors, path, metadata={"name": name})
+    save_file(tensors, path, metadata={"name": name, **(metadata or {})})
     parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     command = command or "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
     lines = [

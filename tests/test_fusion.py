@@ -1,77 +1,101 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from experts.base import Evidence
-from experts.fusion import fuse
+from experts.fusion import HAND_SET, FusionModel, fuse, fusion_model
+from experts.learned import available
 
 SHAPE = (20, 30)
+MODEL = FusionModel(
+    experts=("ela", "noise", "copy_move", "metadata"),
+    bias=-1.0,
+    presence=(-0.5, -0.5, -0.5, 0.0),
+    weight=(3.0, 2.0, 6.0, 6.0),
+    temperature=2.0,
+    pixel_experts=("ela", "copy_move"),
+    pixel_weight=(4.0, 8.0),
+    pixel_bias=-4.0,
+    pixel_threshold=0.5,
+)
 
 
-def evidence(name: str, score: float | None, mask: np.ndarray | None = None, **details) -> Evidence:
-    return Evidence(name, score, score is not None, f"{name} says {score}", mask=mask, details=details)
+def evidence(name: str, score: float | None, heatmap: np.ndarray | None = None, **details) -> Evidence:
+    return Evidence(name, score, score is not None, f"{name} says {score}", heatmap=heatmap, details=details)
+
+
+def test_probability_is_the_logistic_model_over_presence_and_scores():
+    verdict = fuse([evidence("ela", 0.8), evidence("noise", 0.1), evidence("copy_move", None)], SHAPE, MODEL)
+    logit = (-1.0 + (-0.5 + 3.0 * 0.8) + (-0.5 + 2.0 * 0.1)) / 2.0
+    assert verdict.probability == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-4)
+    contributions = {d.expert: d.contribution for d in verdict.drivers}
+    assert contributions == pytest.approx({"ela": 0.95, "noise": -0.15}, abs=1e-4)
+    assert [d.expert for d in verdict.drivers] == ["ela", "noise"]  # strongest first, for or against
 
 
 def test_too_little_evidence_is_uncertain_not_authentic():
-    verdict = fuse([evidence("ela", None)], SHAPE)
+    verdict = fuse([evidence("ela", None)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None
-    verdict = fuse([evidence("ela", None), evidence("metadata", 0.0)], SHAPE)
+    verdict = fuse([evidence("ela", None), evidence("metadata", 0.0)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5
 
 
-def test_strong_evidence_from_one_expert_still_counts():
-    verdict = fuse([evidence("ela", None), evidence("metadata", 0.95, indicates="ai_generated")], SHAPE)
-    assert verdict.label == "ai_generated"
+def test_clean_findings_are_defence_and_clear_the_image():
+    verdict = fuse([evidence("ela", 0.0), evidence("noise", 0.0), evidence("copy_move", 0.0)], SHAPE, MODEL)
+    assert verdict.label == "authentic" and verdict.mask is None
+    assert all(d.contribution < 0 for d in verdict.drivers)
 
 
-def test_nothing_found_by_several_experts_is_authentic():
-    verdict = fuse([evidence("ela", 0.0), evidence("noise", 0.05), evidence("jpeg", 0.0)], SHAPE)
-    assert verdict.label == "authentic" and verdict.probability < 0.35
+def test_an_expert_the_fusion_does_not_know_is_shown_but_not_counted():
+    known = [evidence("ela", 0.0), evidence("noise", 0.0)]
+    plain = fuse(known, SHAPE, MODEL)
+    extra = fuse([*known, evidence("someone_elses", 1.0)], SHAPE, MODEL)
+    assert extra.probability == plain.probability
+    assert ("someone_elses", 0.0) in [(d.expert, d.contribution) for d in extra.drivers]
 
 
-def test_weak_evidence_stays_authentic_or_uncertain_never_manipulated():
-    verdict = fuse([evidence("ela", 0.3), evidence("noise", 0.3)], SHAPE)
-    assert verdict.label in ("authentic", "uncertain")
-
-
-def test_probability_is_noisy_or_of_weighted_scores():
-    verdict = fuse([evidence("a", 0.8), evidence("b", 0.6)], SHAPE, weights={"a": 1.0, "b": 0.5})
-    assert verdict.probability == pytest.approx(1 - (1 - 0.8) * (1 - 0.3), abs=1e-4)
-    assert [d.expert for d in verdict.drivers] == ["a", "b"]
-
-
-def test_uncertain_band():
-    verdict = fuse([evidence("a", 0.5)], SHAPE, weights={"a": 1.0})
-    assert verdict.label == "uncertain" and verdict.uncertain_band == (0.35, 0.65)
-
-
-def test_strong_localised_evidence_gives_manipulated_with_the_mask():
-    mask = np.zeros(SHAPE, bool)
-    mask[2:8, 3:9] = True
-    verdict = fuse([evidence("copy_move", 0.95, mask), evidence("ela", 0.2, ~mask)], SHAPE)
+def test_localised_evidence_gives_the_fused_mask_at_half():
+    heatmap = np.zeros(SHAPE, np.float32)
+    heatmap[2:8, 3:9] = 1.0
+    verdict = fuse([evidence("copy_move", 0.95, heatmap), evidence("ela", 0.9, heatmap * 0.2)], SHAPE, MODEL)
     assert verdict.label == "manipulated"
-    assert np.array_equal(verdict.mask, mask)  # ela's low-score mask does not join
+    assert np.array_equal(verdict.mask, heatmap > 0)
+    fused = MODEL.heatmap([evidence("copy_move", 0.95, heatmap)], SHAPE)
+    assert fused.dtype == np.float32 and fused.min() >= 0 and fused.max() <= 1
 
 
-def test_generator_signature_gives_ai_generated():
-    verdict = fuse([evidence("metadata", 0.95, indicates="ai_generated"), evidence("ela", 0.2)], SHAPE)
-    assert verdict.label == "ai_generated"
+def test_the_kind_of_fake_follows_the_experts_that_accuse():
+    ai = fuse([evidence("metadata", 0.95, indicates="ai_generated"), evidence("ela", 0.1)], SHAPE, MODEL)
+    assert ai.label == "ai_generated"
+    hint = evidence("metadata", 0.2, indicates="ai_generated")
+    edited = fuse([hint, evidence("copy_move", 1.0)], SHAPE, MODEL)
+    assert edited.label == "manipulated"
 
 
-def test_proof_of_integrity_lowers_suspicion_but_cannot_erase_strong_evidence():
-    base = [evidence("ela", 0.6), evidence("noise", 0.4)]
-    plain = fuse(base, SHAPE, weights={"ela": 1.0, "noise": 1.0})
-    signed = fuse(
-        [*base, evidence("c2pa", 0.05, supports_authentic=True)],
-        SHAPE,
-        weights={"ela": 1.0, "noise": 1.0, "c2pa": 1.0},
-    )
-    assert signed.probability == pytest.approx(plain.probability * (1 - 0.5 * 0.95), abs=1e-4)
-    assert "c2pa" in [d.expert for d in signed.drivers]
-    strong = fuse(
-        [evidence("copy_move", 1.0), evidence("ela", 0.9), evidence("c2pa", 0.0, supports_authentic=True)],
-        SHAPE,
-        weights={"copy_move": 1.0, "ela": 1.0, "c2pa": 1.0},
-    )
-    assert strong.label == "uncertain" and strong.probability == 0.5
+def test_intact_provenance_lowers_suspicion_but_cannot_erase_strong_evidence():
+    weak = [evidence("ela", 0.5), evidence("noise", 0.3)]
+    signed = [evidence("c2pa", 0.0, supports_authentic=True)]
+    assert fuse([*weak, *signed], SHAPE, MODEL).probability < fuse(weak, SHAPE, MODEL).probability
+    strong = [evidence("copy_move", 1.0), evidence("ela", 1.0)]
+    assert fuse([*strong, *signed], SHAPE, MODEL).label == "manipulated"
+    tampered = fuse([evidence("ela", 0.0), evidence("noise", 0.0), evidence("watermark", 0.9)], SHAPE, MODEL)
+    assert tampered.probability > 0.65
+
+
+def test_model_round_trips_through_tensors():
+    tensors, metadata = MODEL.to_tensors()
+    again = FusionModel.from_tensors(tensors, metadata, "fitted")
+    assert again.experts == MODEL.experts and again.pixel_experts == MODEL.pixel_experts
+    assert again.weight == pytest.approx(MODEL.weight) and again.temperature == pytest.approx(2.0)
+
+
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_the_shipped_fusion_is_fitted_and_sane():
+    model = fusion_model()
+    assert model is not HAND_SET and model.source == "fitted"
+    assert all(w >= 0 for w in model.weight) and 0.2 <= model.temperature <= 20
+    clean = [evidence(name, 0.0) for name in model.experts]
+    assert fuse(clean, SHAPE, model).label == "authentic"

@@ -111,7 +111,10 @@ def verdict_record(verdict: Verdict | None, where: list[str], mask_file: str | N
         "label": verdict.label,
         "probability": verdict.probability,
         "uncertain_band": list(verdict.uncertain_band),
-        "drivers": [{"expert": d.expert, "score": d.score, "weight": d.weight} for d in verdict.drivers],
+        "drivers": [
+            {"expert": d.expert, "score": d.score, "weight": d.weight, "contribution": d.contribution}
+            for d in verdict.drivers
+        ],
         "mask": mask_file,
         "where": where,
     }

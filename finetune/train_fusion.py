@@ -1,0 +1,337 @@
+"""Fits the calibrated fusion (experts/fusion.py) on the `val` splits and ships
+experts/weights/fusion.safetensors with its model card:
+
+    python -m finetune.train_fusion
+
+1. Every registered expert runs on every `val` image of the data sets, raw and as variants (re-saved
+   as JPEG, resized: both classes alike), so the fitted weights hold up under re-compression. The
+   results are cached per image and variant in `out/cache/` (an interrupted run resumes).
+2. Image level: logistic regression over (applicable_i, applicable_i * score_i) with w_i >= 0
+   (prosecution) and free c_i (a clean finding is defence), L2-regularised; a temperature fitted on
+   out-of-fold logits (folds by manifest group) calibrates it.
+3. Pixel level, on CASIA `val`: logistic regression over the localising experts' heatmaps (w >= 0)
+   on sampled pixels; the threshold of the best mean pixel-F1 becomes 0.5 of the fused heatmap.
+Never reads `test`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from assistant.evaluate import fit_mask, limit_items, read_mask, transform_image
+from assistant.metrics import expected_calibration_error, f1_score, roc_auc
+from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, FusionModel
+from experts.image import load_image
+from experts.registry import available_experts
+from experts.runner import clear_cache, run_experts
+from finetune.data import manifest_items
+from finetune.recipe import RecipeConfig, parse_config, ship_weights, start
+
+VARIANTS = {"raw": (None, None), "jpeg90": (90, None), "jpeg70": (70, None), "resize0.5": (None, 0.5)}
+
+
+@dataclasses.dataclass
+class FusionConfig(RecipeConfig):
+    """Fit the calibrated fusion on the val splits."""
+
+    out: str = "runs/fusion"
+    datasets: tuple[str, ...] = ("casia1", "faces_real", "faces_stylegan", "cifake", "ai_playground")
+    variants: tuple[str, ...] = ("raw", "jpeg90", "jpeg70", "resize0.5")
+    map_side: int = 160  # long side of the heatmaps kept for the pixel model
+    folds: int = 5
+    l2: float = 0.02
+    pixels_per_image: int = 2000
+    limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Expert results on val
+
+
+def collect(config: FusionConfig) -> list[dict]:
+    """One record per (val image, variant): label, dataset, group, per-expert applicable/score/
+    indicates, and for masked images small heatmaps and the ground truth."""
+    experts = [name for name in available_experts() if name not in PROVENANCE_EXPERTS]
+    cache = Path(config.out) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    items = manifest_items(config.datasets, "val")
+    if config.limit:
+        items = limit_items(items, config.limit)
+    jobs = [(item, variant) for item in items for variant in config.variants]
+    records = []
+    for item, variant in tqdm(jobs, desc="experts on val", unit="image"):
+        key = hashlib.md5(f"{item.path}|{variant}|{','.join(experts)}".encode()).hexdigest()[:16]
+        file = cache / f"{key}.npz"
+        if not file.exists():
+            np.savez_compressed(file, **_measure(item, variant, experts, config.map_side))
+            clear_cache()  # the runner's cache would only hold maps of images never seen again
+        with np.load(file, allow_pickle=False) as stored:
+            record = json.loads(str(stored["record"]))
+            record["maps"] = {k[4:]: stored[k] for k in stored.files if k.startswith("map_")}
+            record["truth"] = stored["truth"] if "truth" in stored.files else None
+        records.append(record)
+    return records
+
+
+def _measure(item, variant: str, experts: Sequence[str], map_side: int) -> dict[str, np.ndarray]:
+    quality, scale = VARIANTS[variant]
+    image = transform_image(load_image(item.file), quality, scale)
+    evidence = run_experts(image, experts)
+    record = {
+        "path": item.path,
+        "dataset": item.dataset,
+        "positive": item.positive,
+        "variant": variant,
+        "experts": {
+            e.expert: {"applicable": e.applicable, "score": e.score, "indicates": e.indicates}
+            for e in evidence
+        },
+    }
+    out: dict[str, np.ndarray] = {"record": np.array(json.dumps(record))}
+    if item.mask_file is not None or (item.dataset == "casia1" and not item.positive):
+        shape = _small_shape((image.height, image.width), map_side)
+        truth = (
+            fit_mask(read_mask(item.mask_file), (image.height, image.width))
+            if item.mask_file is not None
+            else np.zeros((image.height, image.width), bool)
+        )
+        out["truth"] = fit_mask(truth, shape)
+        for e in evidence:
+            if e.applicable and e.heatmap is not None:
+                out[f"map_{e.expert}"] = _shrink(e.heatmap, shape)
+    return out
+
+
+def _small_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
+    scale = min(1.0, side / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def _shrink(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(heatmap, (shape[1], shape[0]), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Image level
+
+
+def image_features(records: Sequence[dict], experts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2k) features [applicable_i..., applicable_i * score_i...] and labels."""
+    presence = np.zeros((len(records), len(experts)), np.float32)
+    scores = np.zeros_like(presence)
+    for row, record in enumerate(records):
+        for col, name in enumerate(experts):
+            found = record["experts"].get(name)
+            if found and found["applicable"] and found["score"] is not None:
+                presence[row, col] = 1.0
+                scores[row, col] = found["score"]
+    labels = np.array([r["positive"] for r in records], np.float32)
+    return np.concatenate([presence, scores], axis=1), labels
+
+
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, nonnegative: slice, l2: float, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """Weighted L2-regularised logistic regression by L-BFGS; coefficients in `nonnegative` are kept
+    >= 0 through a softplus. Returns (coefficients, bias)."""
+    x = torch.from_numpy(features).double()
+    y = torch.from_numpy(labels).double()
+    w = torch.from_numpy(weights if weights is not None else np.ones_like(labels)).double()
+    raw = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(features.shape[1], dtype=torch.bool)
+    mask[nonnegative] = True
+
+    def coefficients() -> torch.Tensor:
+        return torch.where(mask, torch.nn.functional.softplus(raw), raw)
+
+    optimiser = torch.optim.LBFGS([raw, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = x @ coefficients() + bias
+        loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
+        loss = loss / w.sum() + l2 * (coefficients() ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return coefficients().detach().numpy(), float(bias.detach())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that minimises the log-loss of out-of-fold logits."""
+    x = torch.from_numpy(logits).double()
+    y = torch.from_numpy(labels).double()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return float(np.clip(float(log_t.detach().exp()), 0.2, 20.0))
+
+
+def balance(records: Sequence[dict]) -> np.ndarray:
+    """Sample weights giving every (dataset, class) the same total weight: the small face and
+    AI-image sets count as much as CASIA."""
+    keys = [(r["dataset"], r["positive"]) for r in records]
+    counts = {key: keys.count(key) for key in set(keys)}
+    weights = np.array([1.0 / counts[key] for key in keys])
+    return weights * len(records) / weights.sum()
+
+
+def fold_of(record: dict, folds: int) -> int:
+    return int(hashlib.md5(record["path"].encode()).hexdigest(), 16) % folds
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Pixel level
+
+
+def pixel_data(records: Sequence[dict], experts: Sequence[str], per_image: int, rng) -> tuple:
+    rows, labels = [], []
+    for record in records:
+        truth = record["truth"]
+        if truth is None or record["dataset"] != "casia1":
+            continue
+        features = np.stack([record["maps"].get(n, np.zeros(truth.shape, np.float32)) for n in experts], -1)
+        flat, flat_truth = features.reshape(-1, len(experts)), truth.reshape(-1)
+        take = rng.choice(flat.shape[0], size=min(per_image, flat.shape[0]), replace=False)
+        rows.append(flat[take])
+        labels.append(flat_truth[take])
+    return np.concatenate(rows).astype(np.float32), np.concatenate(labels).astype(np.float32)
+
+
+def mean_pixel_f1(
+    records: Sequence[dict], experts: Sequence[str], weight: np.ndarray, bias: float, threshold: float
+) -> float:
+    scores = []
+    for record in records:
+        truth = record["truth"]
+        if truth is None or not truth.any() or record["dataset"] != "casia1":
+            continue
+        logit = bias + sum(w * record["maps"].get(n, 0.0) for n, w in zip(experts, weight, strict=True))
+        scores.append(f1_score(truth, 1.0 / (1.0 + np.exp(-logit)) >= threshold))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
+    experts = sorted({name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS))
+    features, labels = image_features(records, experts)
+    weights = balance(records)
+    k = len(experts)
+    nonnegative = slice(k, 2 * k)
+
+    out_of_fold = np.zeros(len(records))
+    folds = np.array([fold_of(r, config.folds) for r in records])
+    for fold in range(config.folds):
+        train, held = folds != fold, folds == fold
+        coefficients, bias = fit_logistic(
+            features[train], labels[train], nonnegative, config.l2, weights[train]
+        )
+        out_of_fold[held] = features[held] @ coefficients + bias
+    temperature = fit_temperature(out_of_fold, labels)
+    coefficients, bias = fit_logistic(features, labels, nonnegative, config.l2, weights)
+
+    rng = np.random.default_rng(config.seed)
+    pixel_experts = sorted({n for r in records if r["truth"] is not None for n in r["maps"]})
+    x, y = pixel_data(records, pixel_experts, config.pixels_per_image, rng)
+    pixel_weight, pixel_bias = fit_logistic(x, y, slice(0, len(pixel_experts)), 1e-4)
+    thresholds = np.linspace(0.05, 0.95, 19)
+    f1s = [mean_pixel_f1(records, pixel_experts, pixel_weight, pixel_bias, t) for t in thresholds]
+    threshold = float(thresholds[int(np.nanargmax(f1s))])
+
+    model = FusionModel(
+        experts=tuple(experts),
+        bias=bias,
+        presence=tuple(float(c) for c in coefficients[:k]),
+        weight=tuple(float(c) for c in coefficients[k:]),
+        temperature=temperature,
+        pixel_experts=tuple(pixel_experts),
+        pixel_weight=tuple(float(w) for w in pixel_weight),
+        pixel_bias=pixel_bias,
+        pixel_threshold=threshold,
+        uncertain_band=UNCERTAIN_BAND,
+        notes={"fitted_on": "val", "variants": list(config.variants)},
+    )
+    probability = 1.0 / (1.0 + np.exp(-out_of_fold / temperature))
+    scores = {"val images (image, variant)": len(records)}
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = np.array([r["dataset"] == dataset for r in records])
+        if len(set(labels[rows])) == 2:
+            scores[f"{dataset} val AUC (out-of-fold)"] = round(roc_auc(labels[rows], probability[rows]), 4)
+    scores["val ECE (out-of-fold, after temperature)"] = round(
+        expected_calibration_error(labels, probability), 4
+    )
+    scores["temperature"] = round(temperature, 4)
+    scores["pixel threshold (best mean pixel-F1 on CASIA val)"] = threshold
+    scores["CASIA val mean pixel-F1 of the fused heatmap at that threshold"] = round(max(f1s), 4)
+    return model, scores
+
+
+CARD = """# Calibrated fusion
+
+Turns the experts' evidence into P(not authentic) with prosecution and defence (experts/fusion.py).
+Logistic regression over each expert's presence and score (score weights >= 0; presence weights free,
+so an expert that examined the image and found nothing can speak for authenticity), fitted on the
+`val` splits of {datasets} (raw, and variants {variants}: both classes alike), every (data set, class)
+weighted equally; a temperature fitted on {folds}-fold out-of-fold logits (folds by file) calibrates
+it. The fused heatmap is a logistic model over the localising experts' heatmaps fitted on CASIA `val`
+pixels; its best-F1 threshold there is rescaled to 0.5. Provenance (C2PA, watermarks) is fixed by
+design, not fitted. Never fitted or tuned on `test`.
+
+| expert | presence c (defence if < 0) | score weight w |
+|---|---|---|
+{rows}
+
+Pixel model: {pixel_rows}; bias {pixel_bias:.3f}.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(FusionConfig, argv)
+    start(config)
+    records = collect(config)
+    model, scores = fit(config, records)
+    print(json.dumps(scores, indent=2))
+    if config.ship:
+        tensors, metadata = model.to_tensors()
+        rows = "\n".join(
+            f"| {n} | {c:+.3f} | {w:.3f} |"
+            for n, c, w in zip(model.experts, model.presence, model.weight, strict=True)
+        )
+        pixel_rows = ", ".join(
+            f"{n} {w:.3f}" for n, w in zip(model.pixel_experts, model.pixel_weight, strict=True)
+        )
+        card = CARD.format(
+            datasets=", ".join(config.datasets),
+            variants=", ".join(config.variants),
+            folds=config.folds,
+            rows=rows,
+            pixel_rows=pixel_rows,
+            pixel_bias=model.pixel_bias,
+        )
+        path = ship_weights(WEIGHTS_NAME, tensors, card, config, scores, metadata=metadata)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
