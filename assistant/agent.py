@@ -81,7 +81,8 @@ UNTRUSTED_NOTE = (
 )
 PROVENANCE_EXPERTS = ("c2pa", "watermark", "invisible_watermark")
 FACE_EXPERTS = ("faces",)
-AI_EXPERTS = ("aigc", "frequency", "metadata")
+AI_EXPERTS = ("ai_generated", "frequency", "metadata")
+EDIT_EXPERTS = ("manipulation", "segmenter")  # the learned localisers, before the classical maps
 OFF_TOPIC = "I can only help with image forensics, so I cannot answer that."
 NO_IMAGE = "I need an image to answer that: please attach one (JPEG, PNG, WebP, TIFF, BMP or GIF)."
 DIFFERENCE_THRESHOLD = 24  # grey levels: above JPEG noise, below any visible edit
@@ -277,7 +278,8 @@ def triage_plan(
     and the image (a compare question with a second image -> compare_images; "noise" -> noise;
     "copy"/"clone"/"duplicate" -> copy_move; "metadata"/"exif"/"camera" -> metadata; "AI"/"generated"
     -> the AI experts that are registered; "watermark"/"C2PA"/"provenance" -> those experts when
-    registered; "faces" -> a face expert when registered; an edit question on a JPEG -> jpeg + ela;
+    registered; "faces" -> a face expert when registered; an edit question -> the manipulation
+    localiser when registered, and jpeg + ela on a JPEG (ela + noise otherwise);
     "show ... map" -> show_map). Anything else, and any plan without an expert, starts with
     analyze_image (all experts and the fused verdict)."""
     experts = list(available_experts() if experts is None else experts)
@@ -291,7 +293,8 @@ def triage_plan(
     if _FACE_WORDS.search(question):
         names += [e for e in FACE_EXPERTS if e in experts]
     if _EDIT_WORDS.search(question) and image is not None:
-        names += [e for e in (("jpeg", "ela") if image.is_jpeg else ("ela", "noise")) if e in experts]
+        classical = ("jpeg", "ela") if image.is_jpeg else ("ela", "noise")
+        names += [e for e in (*EDIT_EXPERTS[:1], *classical) if e in experts]
     plan: list[ToolCall] = []
     if intent.compare and other_id:
         plan.append(ToolCall(COMPARE_IMAGES, {"image_a": image_id, "image_b": other_id}))

@@ -569,6 +569,10 @@ _EXPERT_WORDS = {
     "c2pa": r"\bc2pa\b|\bprovenance\b|content credentials?|\bsigned\b",
     "watermark": r"\bwatermark",
     "invisible_watermark": r"\bwatermark",
+    "faces": r"\bfaces?\b|\bdeep-?fakes?\b|face[- ]?swap",
+    "ai_generated": r"\bai[- ]generated\b|\bai[- ]image",
+    "manipulation": r"\bmanipulation (?:map|mask|expert|localis|localiz)|\blocali[sz]",
+    "segmenter": r"\bsegment",
 }
 
 

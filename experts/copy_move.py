@@ -137,7 +137,10 @@ def _g2nn_pairs(points: np.ndarray, descriptors: np.ndarray, ratio: float, min_d
     order = np.take_along_axis(order, rank, axis=1)
     nearest = np.sqrt(np.maximum(np.take_along_axis(nearest, rank, axis=1), 0.0))
     # A neighbour with no valid successor (inf) cannot pass a ratio test.
-    ratios = np.where(np.isfinite(nearest[:, 1:]), nearest[:, :-1] / np.maximum(nearest[:, 1:], 1e-6), np.inf)
+    with np.errstate(invalid="ignore"):  # inf / inf where both are missing: masked out just below
+        ratios = np.where(
+            np.isfinite(nearest[:, 1:]), nearest[:, :-1] / np.maximum(nearest[:, 1:], 1e-6), np.inf
+        )
     accepted = np.cumprod(ratios < ratio, axis=1).astype(bool)
     rows, cols = np.nonzero(accepted)
     partners = order[rows, cols]

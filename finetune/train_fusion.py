@@ -57,9 +57,11 @@ class FusionConfig(RecipeConfig):
 
 
 def collect(config: FusionConfig) -> list[dict]:
-    """One record per (val image, variant): label, dataset, group, per-expert applicable/score/
-    indicates, and for masked images small heatmaps and the ground truth."""
+    """One record per (val image, variant): label, dataset, per-expert applicable/score/indicates,
+    and for CASIA images small heatmaps and the ground truth. Cached per image and variant; an expert
+    whose version or weights changed since (or that is new) runs again, the others are reused."""
     experts = [name for name in available_experts() if name not in PROVENANCE_EXPERTS]
+    stamps = {name: _stamp(name) for name in experts}
     cache = Path(config.out) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     items = manifest_items(config.datasets, "val")
@@ -68,46 +70,77 @@ def collect(config: FusionConfig) -> list[dict]:
     jobs = [(item, variant) for item in items for variant in config.variants]
     records = []
     for item, variant in tqdm(jobs, desc="experts on val", unit="image"):
-        key = hashlib.md5(f"{item.path}|{variant}|{','.join(experts)}".encode()).hexdigest()[:16]
-        file = cache / f"{key}.npz"
-        if not file.exists():
-            np.savez_compressed(file, **_measure(item, variant, experts, config.map_side))
+        file = cache / f"{hashlib.md5(f'{item.path}|{variant}'.encode()).hexdigest()[:16]}.npz"
+        record = _load(file) if file.exists() else None
+        stale = [n for n in experts if record is None or record["stamps"].get(n) != stamps[n]]
+        if stale:
+            record = _measure(item, variant, stale, config.map_side, record)
+            record["stamps"].update({n: stamps[n] for n in stale})
+            _save(file, record)
             clear_cache()  # the runner's cache would only hold maps of images never seen again
-        with np.load(file, allow_pickle=False) as stored:
-            record = json.loads(str(stored["record"]))
-            record["maps"] = {k[4:]: stored[k] for k in stored.files if k.startswith("map_")}
-            record["truth"] = stored["truth"] if "truth" in stored.files else None
+        record["experts"] = {n: record["experts"][n] for n in experts}
+        record["maps"] = {n: m for n, m in record["maps"].items() if n in experts}
         records.append(record)
     return records
 
 
-def _measure(item, variant: str, experts: Sequence[str], map_side: int) -> dict[str, np.ndarray]:
+def _stamp(name: str) -> str:
+    """An expert's version and, for a learned one, its weights' hash: a change invalidates the cache."""
+    from experts.learned import available, expected_sha256
+    from experts.registry import expert_class
+
+    version = str(expert_class(name).version)
+    return f"{version}:{expected_sha256(name)[:12]}" if available(name) else version
+
+
+def _load(file: Path) -> dict:
+    with np.load(file, allow_pickle=False) as stored:
+        record = json.loads(str(stored["record"]))
+        record["maps"] = {k[4:]: stored[k] for k in stored.files if k.startswith("map_")}
+        record["truth"] = stored["truth"] if "truth" in stored.files else None
+    return record
+
+
+def _save(file: Path, record: dict) -> None:
+    arrays = {f"map_{name}": heatmap for name, heatmap in record["maps"].items()}
+    if record["truth"] is not None:
+        arrays["truth"] = record["truth"]
+    plain = {k: v for k, v in record.items() if k not in ("maps", "truth")}
+    partial = file.with_suffix(".partial.npz")
+    np.savez_compressed(partial, record=np.array(json.dumps(plain)), **arrays)
+    partial.replace(file)
+
+
+def _measure(item, variant: str, experts: Sequence[str], map_side: int, record: dict | None) -> dict:
     quality, scale = VARIANTS[variant]
     image = transform_image(load_image(item.file), quality, scale)
     evidence = run_experts(image, experts)
-    record = {
+    record = record or {
         "path": item.path,
         "dataset": item.dataset,
         "positive": item.positive,
         "variant": variant,
-        "experts": {
-            e.expert: {"applicable": e.applicable, "score": e.score, "indicates": e.indicates}
-            for e in evidence
-        },
+        "experts": {},
+        "stamps": {},
+        "maps": {},
+        "truth": None,
     }
-    out: dict[str, np.ndarray] = {"record": np.array(json.dumps(record))}
-    if item.mask_file is not None or (item.dataset == "casia1" and not item.positive):
+    for e in evidence:
+        record["experts"][e.expert] = {"applicable": e.applicable, "score": e.score, "indicates": e.indicates}
+        record["maps"].pop(e.expert, None)
+    if item.dataset == "casia1":
         shape = _small_shape((image.height, image.width), map_side)
-        truth = (
-            fit_mask(read_mask(item.mask_file), (image.height, image.width))
-            if item.mask_file is not None
-            else np.zeros((image.height, image.width), bool)
-        )
-        out["truth"] = fit_mask(truth, shape)
+        if record["truth"] is None:
+            truth = (
+                fit_mask(read_mask(item.mask_file), (image.height, image.width))
+                if item.mask_file is not None
+                else np.zeros((image.height, image.width), bool)
+            )
+            record["truth"] = fit_mask(truth, shape)
         for e in evidence:
             if e.applicable and e.heatmap is not None:
-                out[f"map_{e.expert}"] = _shrink(e.heatmap, shape)
-    return out
+                record["maps"][e.expert] = _shrink(e.heatmap, shape)
+    return record
 
 
 def _small_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
