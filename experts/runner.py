@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from experts.registry import available_experts, get_expert
 log = logging.getLogger(__name__)
 
 _CACHE: OrderedDict[tuple, Evidence] = OrderedDict()
+_LOCK = threading.Lock()  # sessions of the app analyse images in parallel threads
 CACHE_BYTES = 256 * 1024 * 1024  # about the maps of all experts on 10 twelve-megapixel photos
 
 
@@ -28,9 +30,10 @@ def run_expert(image: LoadedImage, name: str, params: Mapping[str, Any] | None =
     params = dict(params or {})
     expert = get_expert(name, **params)
     key = (image.sha256, name, expert.version, tuple(sorted(params.items())))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
     start = time.perf_counter()
     try:
         evidence = expert.analyze(image)
@@ -49,9 +52,10 @@ def run_expert(image: LoadedImage, name: str, params: Mapping[str, Any] | None =
     evidence = dataclasses.replace(
         evidence, seconds=round(time.perf_counter() - start, 4), version=expert.version
     )
-    _CACHE[key] = evidence
-    while len(_CACHE) > 1 and sum(map(_nbytes, _CACHE.values())) > CACHE_BYTES:
-        _CACHE.popitem(last=False)  # least recently used first
+    with _LOCK:
+        _CACHE[key] = evidence
+        while len(_CACHE) > 1 and sum(map(_nbytes, _CACHE.values())) > CACHE_BYTES:
+            _CACHE.popitem(last=False)  # least recently used first
     return evidence
 
 
@@ -71,4 +75,5 @@ def run_experts(
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()

@@ -454,7 +454,8 @@ def load_embedded(
     language_model.to(device).eval()
 
     hidden = language_model.config.hidden_size
-    from assistant.backends.vision import FEATURE_DIM, VISION_TOWER
+    from assistant.backends.vision import VISION_TOWER
+    from experts.backbone import FEATURE_DIM
 
     projector = Projector.seeded(FEATURE_DIM, hidden)
     if projector_file is not None:
