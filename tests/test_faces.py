@@ -1,0 +1,107 @@
+"""The deepfake-face expert with its shipped weights: detection, alignment, the classifier's direction on
+real and self-blended faces, not-applicable evidence without a face, and the evidence contract."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from experts import get_expert, load_image
+from experts.faces import LEFT_EYE, RIGHT_EYE, align_face, classify_crops, detect_faces, transform_points
+from experts.learned import available
+
+pytestmark = pytest.mark.skipif(
+    not available("faces"), reason="experts/weights/faces.safetensors not shipped"
+)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def astronaut_evidence(astronaut):
+    return get_expert("faces").analyze(load_image(astronaut))
+
+
+def test_finds_the_astronauts_face(astronaut_evidence):
+    assert astronaut_evidence.applicable
+    assert astronaut_evidence.details["faces_found"] == 1
+    x0, y0, x1, y1 = astronaut_evidence.regions[0].bbox
+    # the face is at about x 178-273, y 83-178 in the 512x512 photo (../shared/MODELS.md section 5)
+    assert 160 < x0 < 200 and 250 < x1 < 290 and 60 < y0 < 110 and 160 < y1 < 200
+
+
+def test_real_face_scores_low(astronaut_evidence):
+    assert astronaut_evidence.score < 0.5
+    assert astronaut_evidence.regions[0].label == "real face"
+    assert not astronaut_evidence.mask.any()
+
+
+def test_contract(astronaut_evidence, astronaut):
+    evidence = astronaut_evidence
+    assert evidence.heatmap.shape == astronaut.shape[:2] and evidence.heatmap.dtype == np.float32
+    assert evidence.mask.shape == astronaut.shape[:2] and evidence.mask.dtype == bool
+    assert evidence.heatmap.min() >= 0.0 and evidence.heatmap.max() <= 1.0
+    # the heatmap sits on the face and nowhere else
+    assert evidence.heatmap[130, 225] == pytest.approx(evidence.score, abs=1e-3)
+    assert evidence.heatmap[450, 50] == 0.0
+    assert evidence.details["indicates"] in ("ai_generated", "manipulated")
+    face = evidence.details["faces"][0]
+    assert face["fake_probability"] == evidence.score and face["label"] == "real face"
+    json.dumps(evidence.details)
+
+
+def test_alignment_levels_the_eyes_of_a_tilted_face(astronaut):
+    rotation = cv2.getRotationMatrix2D((256, 256), 25, 1.0)
+    tilted = cv2.warpAffine(astronaut, rotation, (512, 512), borderMode=cv2.BORDER_REFLECT_101)
+    face = detect_faces(tilted)[0]
+    crop, matrix = align_face(tilted, face.keypoints)
+    eyes = transform_points(matrix, face.keypoints[[RIGHT_EYE, LEFT_EYE]])
+    assert crop.shape == (256, 256, 3)
+    assert abs(eyes[0, 1] - eyes[1, 1]) < 1.0  # level
+    # FFHQ framing: the crop's side is at least four eye distances
+    assert 0.17 < (eyes[1, 0] - eyes[0, 0]) / 256 <= 0.2501
+
+
+def test_no_face_is_not_applicable():
+    from skimage import data
+
+    evidence = get_expert("faces").analyze(load_image(data.coffee()))
+    assert not evidence.applicable and evidence.score is None
+    assert "no face" in evidence.summary.lower()
+
+
+def test_one_pixel_image_is_not_applicable():
+    evidence = get_expert("faces").analyze(load_image(np.full((1, 1, 3), 128, np.uint8)))
+    assert not evidence.applicable
+
+
+def test_self_blended_test_face_scores_higher_than_its_source(shared_data):
+    from assistant.evaluate import read_manifest
+    from finetune.data import read_rgb
+    from finetune.faces import crop_largest_face, item_rng, self_blend
+
+    items = read_manifest(shared_data / "manifest.csv", split="test", datasets=["faces_real"])
+    sources, fakes = [], []
+    for item in items[:4]:  # held out: never seen in training or model selection
+        crop, keypoints = crop_largest_face(read_rgb(item.file))
+        sources.append(crop)
+        fakes.append(self_blend(item_rng(7, item.path), crop, keypoints)[0])
+    real_scores = 1 - classify_crops(np.stack(sources))[:, 0]
+    fake_scores = 1 - classify_crops(np.stack(fakes))[:, 0]
+    assert fake_scores.mean() > real_scores.mean() + 0.2
+    assert (fake_scores > real_scores).sum() >= 3
+
+
+def test_black_and_white_photo_is_not_judged(astronaut):
+    grey = np.repeat(cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    evidence = get_expert("faces").analyze(load_image(grey))
+    assert not evidence.applicable and "black and white" in evidence.summary
+    assert len(evidence.details["faces"]) == 1
