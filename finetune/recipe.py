@@ -117,6 +117,7 @@ def ship_weights(
     path = weights_file(name)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     save_file(tensors, path, metadata={"name": name, **(metadata or {})})
+    path.chmod(0o644)  # safetensors writes owner-only files; a shipped file must be readable by all
     parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     command = command or "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
     lines = [

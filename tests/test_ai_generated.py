@@ -1,0 +1,75 @@
+"""The AI-generated-image expert with its shipped weights: it separates CIFAKE fakes from reals, stays
+low on a pristine photo, keeps the evidence contract, and is deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experts import get_expert, load_image
+from experts.ai_generated import MIN_SIDE, THRESHOLD, grid_positions, npr_patches
+from experts.learned import available
+
+pytestmark = pytest.mark.skipif(
+    not available("ai_generated"), reason="experts/weights/ai_generated.* missing: run finetune.train_ai"
+)
+
+SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def expert():
+    return get_expert("ai_generated")
+
+
+def cifake_test(shared_data, label: str) -> list:
+    from assistant.evaluate import read_manifest
+
+    items = [i for i in read_manifest(shared_data / "manifest.csv", "test", ["cifake"]) if i.label == label]
+    return items[:SAMPLES]
+
+
+def test_cifake_fakes_score_higher_than_reals(expert, shared_data):
+    fakes = [expert.analyze(load_image(i.file)).score for i in cifake_test(shared_data, "ai_generated")]
+    reals = [expert.analyze(load_image(i.file)).score for i in cifake_test(shared_data, "real_photo")]
+    assert len(fakes) == len(reals) == SAMPLES
+    assert np.mean(fakes) > np.mean(reals) + 0.2, (fakes, reals)
+
+
+def test_pristine_kodak_photos_score_low(expert, shared_data):
+    kodak = shared_data / "clean_photos" / "kodak"
+    scores = [expert.analyze(load_image(kodak / f"kodim0{i}.png")).score for i in range(1, 5)]
+    assert max(scores) < THRESHOLD and float(np.median(scores)) < 0.2, scores
+
+
+def test_evidence_contract_on_a_tiny_and_a_wide_image(expert):
+    rng = np.random.default_rng(0)
+    for height, width in ((32, 32), (300, 1100)):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        evidence = expert.analyze(load_image(pixels))
+        assert evidence.applicable and 0.0 <= evidence.score <= 1.0
+        assert evidence.heatmap.shape == (height, width) and evidence.heatmap.dtype == np.float32
+        assert evidence.heatmap.min() >= 0.0 and evidence.heatmap.max() <= 1.0
+        assert evidence.mask is None
+        assert evidence.details["indicates"] == "ai_generated"
+        for key in ("appearance_probability", "upsampling_trace_probability"):
+            assert 0.0 <= evidence.details[key] <= 1.0
+
+
+def test_too_small_image_is_not_applicable(expert):
+    evidence = expert.analyze(load_image(np.full((MIN_SIDE - 1, 40, 3), 90, np.uint8)))
+    assert not evidence.applicable and evidence.score is None
+    assert f"{MIN_SIDE}x{MIN_SIDE}" in evidence.summary
+
+
+def test_deterministic(expert, shared_data):
+    image = load_image(shared_data / "clean_photos" / "kodak" / "kodim05.png")
+    first, second = expert.analyze(image), expert.analyze(image)
+    assert first.score == second.score and np.array_equal(first.heatmap, second.heatmap)
+
+
+def test_patches_cover_the_image_on_an_even_grid():
+    positions = grid_positions(384, 512, 64, 48)
+    assert len(positions) == 48 and positions[0] == (0, 0) and positions[-1] == (320, 448)
+    patches, _, size = npr_patches(np.zeros((33, 47, 3), np.uint8))
+    assert size == 32 and patches.shape == (1, 32, 32, 3)
