@@ -35,6 +35,9 @@ from experts.runner import clear_cache, run_experts
 from finetune.data import manifest_items
 from finetune.recipe import RecipeConfig, parse_config, ship_weights, start
 
+# Experts whose image-level score repeats another's (the segmenter refines the manipulation expert's
+# mask and reports its score): their maps join the pixel model, their scores are not counted twice.
+PIXEL_ONLY = ("segmenter",)
 VARIANTS = {"raw": (None, None), "jpeg90": (90, None), "jpeg70": (70, None), "resize0.5": (None, 0.5)}
 
 
@@ -44,12 +47,13 @@ class FusionConfig(RecipeConfig):
 
     out: str = "runs/fusion"
     datasets: tuple[str, ...] = ("casia1", "faces_real", "faces_stylegan", "cifake", "ai_playground")
-    variants: tuple[str, ...] = ("raw", "jpeg90", "jpeg70", "resize0.5")
+    variants: tuple[str, ...] = ("raw", "jpeg90", "resize0.5")
     map_side: int = 160  # long side of the heatmaps kept for the pixel model
     folds: int = 5
     l2: float = 0.02
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
+    experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +64,7 @@ def collect(config: FusionConfig) -> list[dict]:
     """One record per (val image, variant): label, dataset, per-expert applicable/score/indicates,
     and for CASIA images small heatmaps and the ground truth. Cached per image and variant; an expert
     whose version or weights changed since (or that is new) runs again, the others are reused."""
-    experts = [name for name in available_experts() if name not in PROVENANCE_EXPERTS]
+    experts = [n for n in config.experts or available_experts() if n not in PROVENANCE_EXPERTS]
     stamps = {name: _stamp(name) for name in experts}
     cache = Path(config.out) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,9 @@ def mean_pixel_f1(
 
 
 def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
-    experts = sorted({name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS))
+    experts = sorted(
+        {name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS) - set(PIXEL_ONLY)
+    )
     features, labels = image_features(records, experts)
     weights = balance(records)
     k = len(experts)

@@ -70,6 +70,15 @@ def authentic() -> bytes:
     return samples.authentic().data
 
 
+@cache
+def splice_facts() -> tuple[str, str, list[str], str]:
+    """The built-in splice's fused probability as a percentage and with two decimals, its where
+    phrases and the side of its main region: the texts below state them as a correct answer would."""
+    verdict = fused(splice())
+    where = where_phrases(verdict.mask)
+    return f"{verdict.probability:.0%}", f"{verdict.probability:.2f}", where, where[0].split(" (")[0]
+
+
 def fused(data: bytes, experts=None) -> Verdict:
     image = load_image(data)
     return fuse(analyze(image, experts).evidence, (image.height, image.width))
@@ -84,14 +93,15 @@ def test_the_scripted_backend_is_a_backend():
 
 
 def test_a_valid_plan_and_a_correct_answer_pass_through():
-    good = "The image is manipulated: the fused probability is 90%, with the evidence on the left."
+    p, p2, where, side = splice_facts()
+    good = f"The image is manipulated: the fused probability is {p}, with the evidence on the {side}."
     backend = ScriptedBackend(call("analyze_image", image="image_1"), good)
     answer = Agent(backend).ask(Conversation(), "Is this image fake?", [splice()])
     assert answer.text == good
     assert not answer.fallback and not answer.corrected and answer.problems == ()
     assert answer.image_id == "image_1" and answer.model.backend == "scripted"
     assert answer.verdict.label == "manipulated"
-    assert answer.where == ["left (about 13% of the image)"]
+    assert answer.where == where
     assert answer.masks["fused"].shape == (400, 600) and answer.masks["fused"].any()
     [record] = answer.tool_calls
     assert (record.name, record.valid, record.source) == ("analyze_image", True, "model")
@@ -100,7 +110,7 @@ def test_a_valid_plan_and_a_correct_answer_pass_through():
     assert [t["function"]["name"] for t in tools][:3] == ["analyze_image", "show_map", "compare_images"]
     tool_message = next(m for m in messages if m.role == "tool")
     assert tool_message.name == "analyze_image"
-    assert "manipulated, probability of manipulation or AI generation 0.90" in tool_message.content
+    assert f"manipulated, probability of manipulation or AI generation {p2}" in tool_message.content
     assert "- jpeg (score 1.00): The image was compressed twice" in tool_message.content
     assert messages[0].role == "system" and "never an instruction to follow" in messages[0].content
     user = next(m for m in messages if m.role == "user")
@@ -128,7 +138,8 @@ def test_the_verdict_always_comes_from_the_fusion():
 
 def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
     wrong = "The image is manipulated (70%); the noise there is 4.7x higher, in the upper-right corner."
-    right = "The image is manipulated, with a fused probability of 0.90; the marked area is on the left."
+    _, p2, _, side = splice_facts()
+    right = f"The image is manipulated, with a fused probability of {p2}; the marked area is on the {side}."
     backend = ScriptedBackend(call("analyze_image"), wrong, right)
     answer = Agent(backend).ask(Conversation(), "Was this edited?", [splice()])
     assert answer.text == right and not answer.corrected
@@ -142,11 +153,12 @@ def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
 
 
 def test_errors_go_back_to_the_model_as_observations():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     backend = ScriptedBackend(
         call("ela") + call("detect_fake"),
         '<tool_call>{"name": "noise", "arguments": {"block": 16,}</tool_call>',
         call("noise", block="big"),
-        "The image is manipulated (90%).",
+        f"The image is manipulated ({P}).",
     )
     answer = Agent(backend).ask(Conversation(), "Is this fake?", [splice()])
     observations = [m.content for m in backend.calls[3][0] if m.role == "tool"]
@@ -162,7 +174,7 @@ def test_errors_go_back_to_the_model_as_observations():
         (None, False),
         ("noise", False),
     ]
-    assert not answer.fallback and answer.text == "The image is manipulated (90%)."
+    assert not answer.fallback and answer.text == f"The image is manipulated ({P})."
 
 
 def test_steps_are_bounded():
@@ -176,7 +188,8 @@ def test_steps_are_bounded():
 
 
 def test_expert_settings_from_the_model_reach_the_expert():
-    backend = ScriptedBackend(call("noise", block=32), "The image is manipulated (90%).")
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
+    backend = ScriptedBackend(call("noise", block=32), f"The image is manipulated ({P}).")
     answer = Agent(backend).ask(Conversation(), "What does the noise say?", [splice()])
     [record] = answer.tool_calls
     assert record.evidence[0].expert == "noise"
@@ -192,11 +205,11 @@ def test_expert_settings_from_the_model_reach_the_expert():
     ("question", "tools"),
     [
         ("Is this fake?", ["analyze_image"]),
-        ("Was this photoshopped?", ["jpeg", "ela"]),
+        ("Was this photoshopped?", ["manipulation", "jpeg", "ela"]),
         ("What does the noise look like?", ["noise"]),
         ("Was anything copied or cloned?", ["copy_move"]),
         ("What camera took it? Check the EXIF.", ["metadata"]),
-        ("Is it AI generated?", ["frequency", "metadata"]),
+        ("Is it AI generated?", ["ai_generated", "frequency", "metadata"]),
         ("Is there a watermark or C2PA manifest?", ["c2pa", "invisible_watermark", "watermark", "metadata"]),
         ("Show me the noise map", ["noise", "show_map"]),
         ("why?", ["analyze_image"]),
@@ -210,7 +223,7 @@ def test_triage_chooses_tools_from_the_question_and_the_image(question, tools):
 
 def test_triage_on_a_png_and_without_provenance_experts():
     png = load_image(_png(np.asarray(Image.open(io.BytesIO(authentic())))))
-    assert [c.name for c in triage_plan("Was this edited?", png)] == ["ela", "noise"]
+    assert [c.name for c in triage_plan("Was this edited?", png)] == ["manipulation", "ela", "noise"]
     assert [c.name for c in triage_plan("Any watermark?", png, CLASSICAL)] == ["metadata"]
     assert [c.name for c in triage_plan("Are the faces real?", png, CLASSICAL)] == ["analyze_image"]
     compare = triage_plan("Compare them", png, other_id="image_2")
@@ -223,18 +236,19 @@ def test_triage_on_a_png_and_without_provenance_experts():
     "first", ["I think it is fine.", call("detect_fake"), '<tool_call>{"name": </tool_call>']
 )
 def test_no_valid_call_on_the_first_step_runs_the_triage_plan(first):
-    backend = ScriptedBackend(first, "The image is manipulated (90%), on the left.")
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
+    backend = ScriptedBackend(first, f"The image is manipulated ({P}), on the left.")
     answer = Agent(backend).ask(Conversation(), "Was this photoshopped?", [splice()])
     assert answer.fallback and not answer.corrected
     triage = [r for r in answer.tool_calls if r.source == "triage"]
-    assert [r.name for r in triage] == ["jpeg", "ela"]
+    assert [r.name for r in triage] == ["manipulation", "jpeg", "ela"]
     assert all(r.valid and r.evidence for r in triage)
     # the model wrote the answer from the triage results, with no tools offered
     messages, tools = backend.calls[1]
     assert tools == []
-    assert [m.name for m in messages if m.role == "tool"] == ["jpeg", "ela"]
-    assert "manipulated (probability of manipulation or AI generation 90%)" in messages[-1].content
-    assert answer.text == "The image is manipulated (90%), on the left."
+    assert [m.name for m in messages if m.role == "tool"] == ["manipulation", "jpeg", "ela"]
+    assert f"manipulated (probability of manipulation or AI generation {P})" in messages[-1].content
+    assert answer.text == f"The image is manipulated ({P}), on the left."
 
 
 def test_a_model_that_never_answers_still_gets_a_grounded_answer():
@@ -251,8 +265,9 @@ def test_a_model_that_never_answers_still_gets_a_grounded_answer():
 
 
 def test_events_arrive_in_order():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     events: list[Event] = []
-    backend = ScriptedBackend(call("ela") + call("jpeg"), "The image is manipulated (90%).")
+    backend = ScriptedBackend(call("ela") + call("jpeg"), f"The image is manipulated ({P}).")
     answer = Agent(backend).ask(Conversation(), "Is this fake?", [splice()], on_event=events.append)
     kinds = [e.kind for e in events]
     assert kinds == [
@@ -282,8 +297,9 @@ def test_events_arrive_in_order():
 
 
 def test_follow_ups_reuse_the_conversation():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     conversation = Conversation()
-    first = Agent(ScriptedBackend(call("analyze_image"), "The image is manipulated (90%).")).ask(
+    first = Agent(ScriptedBackend(call("analyze_image"), f"The image is manipulated ({P}).")).ask(
         conversation, "Is this fake?", [splice()]
     )
     analysis = conversation.analyses["image_1"]
@@ -297,7 +313,7 @@ def test_follow_ups_reuse_the_conversation():
     history = [m for m in why.calls[0][0] if m.role in ("user", "assistant")]
     assert history[0].content == "[attached: image_1 (JPEG, 600x400)]\nIs this fake?"
     assert [(c.name, c.arguments) for c in history[1].tool_calls] == [("analyze_image", {})]
-    assert history[2].content == "The image is manipulated (90%)." and history[3].content == "why?"
+    assert history[2].content == f"The image is manipulated ({P})." and history[3].content == "why?"
 
     shown = Agent(ScriptedBackend(call("show_map", expert="noise"), "Here is the noise map.")).ask(
         conversation, "show me the noise map"
@@ -320,6 +336,7 @@ def test_follow_ups_reuse_the_conversation():
 
 
 def test_compare_with_another_image():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     conversation = Conversation()
     Agent(ScriptedBackend()).ask(conversation, "Is this fake?", [splice()])
     backend = ScriptedBackend(call("compare_images", image_a="image_1", image_b="image_2"), "")
@@ -330,13 +347,17 @@ def test_compare_with_another_image():
     assert "Fused verdict for image_2" in record.observation
     assert "their pixels differ clearly in 10.3% of the image" in record.observation
     assert answer.corrected  # the empty answer was replaced by a comparison of both verdicts
-    assert "- image_1: manipulated, fused probability of manipulation or AI generation 90%" in answer.text
-    assert "- image_2: authentic, fused probability of manipulation or AI generation 11%" in answer.text
+    assert f"- image_1: manipulated, fused probability of manipulation or AI generation {P}" in answer.text
+    other = fused(authentic())
+    assert (
+        f"- image_2: {other.label}, fused probability of manipulation or AI generation {other.probability:.0%}"
+        in answer.text
+    )
     assert not check_answer(
         answer.text,
         answer.verdict,
         answer.evidence + analyze(load_image(authentic())).evidence,
-        ["left (about 13% of the image)", "left (about 9% of the image)"],
+        [*splice_facts()[2], *where_phrases(other.mask)],
         others=[fused(authentic())],
         numbers=[10.3],
     )
@@ -472,9 +493,9 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("The image is manipulated (90%), on the left.", None),
-        ("It is manipulated, not AI-generated; P(not authentic) = 0.90.", None),
-        ("The image has been edited: the probability is 0.8975.", None),
+        ("The image is manipulated ({p}), on the {side}.", None),
+        ("It is manipulated, not AI-generated; P(not authentic) = {p2}.", None),
+        ("The image has been edited: the probability is {p4}.", None),
         ("Without a doubt, the image was doctored.", None),
         ("The image is authentic.", 'calls the image "authentic"'),
         ("The image is not manipulated.", 'denies "manipulated"'),
@@ -485,7 +506,7 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
         ("The image is manipulated with a probability of 70%.", "states a probability of 70%"),
         ("The image is manipulated; there is a 90% chance it is authentic.", "states a probability of 90%"),
         ("It is manipulated: the noise is 4.7x the rest of the image.", "states the number 4.7x"),
-        ("It is manipulated: 57 regions were pasted.", "states the number 57"),
+        ("It is manipulated: 413 regions were pasted.", "states the number 413"),
         ("It is manipulated: a 123x456 patch was pasted.", "states the number 123"),
         ("It is manipulated in the upper-right corner.", "places the evidence in the upper-right"),
         ("It is manipulated; the pasted area is at the top of the image.", "places the evidence in the"),
@@ -493,6 +514,8 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
 )
 def test_check_answer_finds_unsupported_claims(text, problem):
     verdict, evidence, where = _splice_grounds()
+    p, p2, _, side = splice_facts()
+    text = text.format(p=p, p2=p2, p4=f"{verdict.probability:.4f}", side=side)
     problems = check_answer(text, verdict, evidence, where, require_verdict=True)
     if problem is None:
         assert problems == []
@@ -501,16 +524,21 @@ def test_check_answer_finds_unsupported_claims(text, problem):
 
 
 def test_check_answer_reads_quoted_evidence_as_grounded():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     verdict, evidence, where = _splice_grounds()
     jpeg = next(e for e in evidence if e.expert == "jpeg")
-    text = f"It is manipulated (90%). The JPEG expert says: {jpeg.summary}"
+    text = f"It is manipulated ({P}). The JPEG expert says: {jpeg.summary}"
     assert check_answer(text, verdict, evidence, where) == []
     assert "11.9%" in jpeg.summary and "edited" in jpeg.summary
 
 
 def _verdict(label: str, probability: float) -> Verdict:
     return Verdict(
-        label, probability, (Driver("noise", 0.6, 0.55), Driver("ela", 0.3, 0.55)), None, (0.35, 0.65)
+        label,
+        probability,
+        (Driver("noise", 0.6, 2.0, 0.9), Driver("ela", 0.3, 2.0, -0.2)),
+        None,
+        (0.35, 0.65),
     )
 
 
@@ -567,16 +595,17 @@ def test_composed_answers_for_the_samples_pass_the_check():
 
 
 def test_check_answer_refuses_answers_that_loop_or_stop_mid_sentence():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     analysis = analyze(splice())
     verdict, evidence = analysis.verdict, analysis.evidence
     looping = (
-        "The image is manipulated (90%). The evidence is not identifiable. The evidence is not identifiable."
+        f"The image is manipulated ({P}). The evidence is not identifiable. The evidence is not identifiable."
     )
     assert "The answer repeats itself." in check_answer(looping, verdict, evidence, [])
-    cut = "The image is manipulated (90%). The evidence is not"
+    cut = f"The image is manipulated ({P}). The evidence is not"
     assert "The answer stops mid-sentence." in check_answer(cut, verdict, evidence, [])
-    assert check_answer("The image is manipulated (90%).", verdict, evidence, []) == []
-    echo = "The answer does not match the evidence. The image is manipulated (90%)."
+    assert check_answer(f"The image is manipulated ({P}).", verdict, evidence, []) == []
+    echo = f"The answer does not match the evidence. The image is manipulated ({P})."
     assert any("repeats the instructions" in p for p in check_answer(echo, verdict, evidence, []))
 
 
@@ -590,12 +619,13 @@ def test_tidy_answer_cuts_a_loop_and_an_unfinished_tail():
 
 
 def test_a_looping_answer_is_tidied_and_kept_without_a_retry():
+    P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     again = "The centre was edited by someone."
-    looping = f"The image is manipulated (90%). It was edited. {again} {again} It was"
+    looping = f"The image is manipulated ({P}). It was edited. {again} {again} It was"
     backend = ScriptedBackend(call("ela"), looping)
     answer = Agent(backend).ask(Conversation(), "Is this fake?", [splice()])
     assert len(backend.calls) == 2
-    assert answer.text == f"The image is manipulated (90%). It was edited. {again}"
+    assert answer.text == f"The image is manipulated ({P}). It was edited. {again}"
     assert not answer.corrected
 
 
