@@ -91,7 +91,7 @@ def lite0(pretrained: bool = True, **timm_kwargs) -> nn.Module:
 
 def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB, (n, h, w, 3) or (h, w, 3), -> float (n, 3, h, w) in [-1, 1], as the weights expect."""
-    tensor = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))  # a copy
+    tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # a copy
     if tensor.ndim == 3:
         tensor = tensor[None]
     return (tensor.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
