@@ -51,6 +51,9 @@ class FusionConfig(RecipeConfig):
     map_side: int = 160  # long side of the heatmaps kept for the pixel model
     folds: int = 5
     l2: float = 1e-4  # chosen by out-of-fold calibration on val (0.02, 2e-3, 5e-4, 1e-4, 1e-5 tried)
+    # How far an expert that finds nothing can speak for authenticity (log-odds): a face judged real
+    # must not clear a whole photo in which other experts found an edit.
+    presence_bound: float = 2.0
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
     experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
@@ -177,10 +180,16 @@ def image_features(records: Sequence[dict], experts: Sequence[str]) -> tuple[np.
 
 
 def fit_logistic(
-    features: np.ndarray, labels: np.ndarray, nonnegative: slice, l2: float, weights: np.ndarray | None = None
+    features: np.ndarray,
+    labels: np.ndarray,
+    nonnegative: slice,
+    l2: float,
+    weights: np.ndarray | None = None,
+    bound: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Weighted L2-regularised logistic regression by L-BFGS; coefficients in `nonnegative` are kept
-    >= 0 through a softplus. Returns (coefficients, bias)."""
+    >= 0 through a softplus, the others within +-bound (when given) through a tanh. Returns
+    (coefficients, bias)."""
     x = torch.from_numpy(features).double()
     y = torch.from_numpy(labels).double()
     w = torch.from_numpy(weights if weights is not None else np.ones_like(labels)).double()
@@ -190,7 +199,8 @@ def fit_logistic(
     mask[nonnegative] = True
 
     def coefficients() -> torch.Tensor:
-        return torch.where(mask, torch.nn.functional.softplus(raw), raw)
+        bounded = raw if bound is None else bound * torch.tanh(raw / bound)
+        return torch.where(mask, torch.nn.functional.softplus(raw), bounded)
 
     optimiser = torch.optim.LBFGS([raw, bias], max_iter=500, line_search_fn="strong_wolfe")
 
@@ -284,11 +294,13 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     for fold in range(config.folds):
         train, held = folds != fold, folds == fold
         coefficients, bias = fit_logistic(
-            features[train], labels[train], nonnegative, config.l2, weights[train]
+            features[train], labels[train], nonnegative, config.l2, weights[train], config.presence_bound
         )
         out_of_fold[held] = features[held] @ coefficients + bias
     temperature = fit_temperature(out_of_fold, labels)
-    coefficients, bias = fit_logistic(features, labels, nonnegative, config.l2, weights)
+    coefficients, bias = fit_logistic(
+        features, labels, nonnegative, config.l2, weights, config.presence_bound
+    )
 
     rng = np.random.default_rng(config.seed)
     pixel_experts = sorted({n for r in records if r["truth"] is not None for n in r["maps"]})
