@@ -137,7 +137,7 @@ def test_the_verdict_always_comes_from_the_fusion():
 
 
 def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
-    wrong = "The image is manipulated (70%); the noise there is 4.7x higher, in the upper-right corner."
+    wrong = "The image is manipulated (20%); the noise there is 4.7x higher, in the upper-right corner."
     _, p2, _, side = splice_facts()
     right = f"The image is manipulated, with a fused probability of {p2}; the marked area is on the {side}."
     backend = ScriptedBackend(call("analyze_image"), wrong, right)
@@ -146,7 +146,7 @@ def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
     assert len(answer.problems) == 3
     feedback = backend.calls[-1][0][-1]
     assert feedback.role == "user"
-    assert "- The answer states a probability of 70%" in feedback.content
+    assert "- The answer states a probability of 20%" in feedback.content
     assert "- The answer states the number 4.7x, which is not in the evidence." in feedback.content
     assert "- The answer places the evidence in the upper-right" in feedback.content
     assert backend.calls[-1][1] == []  # no tools for the rewrite
@@ -309,7 +309,8 @@ def test_follow_ups_reuse_the_conversation():
     assert conversation.analyses["image_1"] is analysis  # cached, not re-run
     assert answer.fallback and answer.corrected  # "Because." states no verdict
     assert answer.image_id == "image_1" and answer.verdict.label == first.verdict.label
-    assert "- jpeg (score 1.00): The image was compressed twice" in answer.text
+    top = analysis.verdict.drivers[0]  # the strongest driver is explained, with its summary
+    assert f"- {top.expert} (score {top.score:.2f})" in answer.text
     history = [m for m in why.calls[0][0] if m.role in ("user", "assistant")]
     assert history[0].content == "[attached: image_1 (JPEG, 600x400)]\nIs this fake?"
     assert [(c.name, c.arguments) for c in history[1].tool_calls] == [("analyze_image", {})]
@@ -503,7 +504,7 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
         ("It hasn't been edited or spliced.", 'denies "edited"'),
         ("It looks AI-generated.", 'calls the image "AI-generated"'),
         ("The result is inconclusive.", 'calls the image "inconclusive"'),
-        ("The image is manipulated with a probability of 70%.", "states a probability of 70%"),
+        ("The image is manipulated with a probability of 30%.", "states a probability of 30%"),
         ("The image is manipulated; there is a 90% chance it is authentic.", "states a probability of 90%"),
         ("It is manipulated: the noise is 4.7x the rest of the image.", "states the number 4.7x"),
         ("It is manipulated: 413 regions were pasted.", "states the number 413"),

@@ -60,10 +60,19 @@ def smollm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded(smollm_dir: Path) -> EmbeddedBackend:
-    backend = load_backend()
+def embedded(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EmbeddedBackend:
+    """The base model, without the shipped adapter (its behaviour is what these tests pin down)."""
+    backend = load_backend(weights_dir=tmp_path_factory.mktemp("no-weights"))
     assert isinstance(backend, EmbeddedBackend)
     return backend
+
+
+def test_the_shipped_adapter_is_the_default() -> None:
+    from assistant.backends.embedded import find_trained_weights
+
+    projector, adapter = find_trained_weights()
+    assert adapter is not None and adapter.name == "embedded_lora"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
