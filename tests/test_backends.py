@@ -70,7 +70,7 @@ def embedded(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Embe
 def test_the_shipped_adapter_is_the_default() -> None:
     from assistant.backends.embedded import find_trained_weights
 
-    projector, adapter = find_trained_weights()
+    _, adapter = find_trained_weights()
     assert adapter is not None and adapter.name == "embedded_lora"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
