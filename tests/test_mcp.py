@@ -17,7 +17,7 @@ from experts.samples import splice
 
 async def _session_calls(path: str, data_b64: str) -> tuple:
     server = StdioServerParameters(
-        command=sys.executable, args=["-m", "assistant", "mcp", "--experts", "ela,jpeg,metadata"]
+        command=sys.executable, args=["-m", "assistant", "mcp", "--experts", "ela,jpeg,metadata,manipulation"]
     )
     async with stdio_client(server) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
@@ -40,7 +40,14 @@ def test_mcp_client_lists_the_tools_and_gets_masks_as_images(tmp_path):
     listed, ela, fused, bad = anyio.run(_session_calls, str(path), base64.b64encode(sample.data).decode())
 
     tools = {tool.name: tool for tool in listed.tools}
-    assert set(tools) == {"analyze_image", "ela", "jpeg", "metadata", "ask_forensics_assistant"}
+    assert set(tools) == {
+        "analyze_image",
+        "ela",
+        "jpeg",
+        "metadata",
+        "manipulation",
+        "ask_forensics_assistant",
+    }
     assert tools["ela"].input_schema["required"] == ["image"]
     assert "qualities" in tools["ela"].input_schema["properties"]  # the expert's settings, typed
 
