@@ -417,7 +417,8 @@ def check_answer(
 
     # Probabilities and other numbers
     grounded = _grounded_numbers(verdicts, evidence, where, numbers)
-    expert_names = {e.expert.replace("_", "[-_ ]?") for e in evidence} | {"error level", "copy[- ]move"}
+    expert_names = {_EXPERT_NAME_IN_TEXT.get(e.expert, e.expert.replace("_", "[-_ ]?")) for e in evidence}
+    expert_names |= {"error level", "copy[- ]move"}
     names_pattern = re.compile(r"\b(?:" + "|".join(sorted(expert_names)) + r")\b", re.IGNORECASE)
     scan = _IMAGE_ID.sub(" ", _LIST_MARKER.sub(" ", grounded_text))
     for sentence in _SENTENCE.split(scan):
@@ -558,6 +559,13 @@ def _probabilities_text(verdicts: Sequence[Verdict]) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # The grounded answer
+
+# Experts whose name is also an ordinary word of an answer ("the probability of manipulation is 90%"):
+# a number after them is an expert's score only when the name is used as a name.
+_EXPERT_NAME_IN_TEXT = {
+    "manipulation": r"manipulation (?:expert|locali[sz]er|map|mask|score)",
+    "faces": r"faces? expert",
+}
 
 _EXPERT_WORDS = {
     "ela": r"\bela\b|error level",
