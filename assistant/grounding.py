@@ -432,7 +432,8 @@ def check_answer(
             shown = match.group(0).strip()
             if context := _probability_context(sentence, matches, index, names_pattern):
                 stated = value / 100 if percent or value > 1 else value
-                step = tolerance / 100 if percent or value > 1 else tolerance
+                # a stated probability is rounded to at most a whole percent ("100%" is not "about 100")
+                step = min(tolerance, 1.0) / 100 if percent or value > 1 else tolerance
                 of_authentic = context == "authentic"
                 targets = [1 - v.probability if of_authentic else v.probability for v in verdicts]
                 if context == "either":  # "authentic (11%)" and "authentic (89%)" both read naturally

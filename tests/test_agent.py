@@ -507,6 +507,7 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
         ("It is manipulated: the noise is 4.7x the rest of the image.", "states the number 4.7x"),
         ("It is manipulated: 413 regions were pasted.", "states the number 413"),
         ("It is manipulated; the probability of manipulation is 3%.", "states a probability of 3%"),
+        ("It is manipulated; the probability of manipulation is 100%.", "states a probability of 100%"),
         ("It is manipulated: a 123x456 patch was pasted.", "states the number 123"),
         ("It is manipulated in the upper-right corner.", "places the evidence in the upper-right"),
         ("It is manipulated; the pasted area is at the top of the image.", "places the evidence in the"),
