@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from functools import cache
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -35,7 +34,7 @@ from torch import nn
 
 from experts.base import Evidence, ModelNotAvailableError, not_applicable
 from experts.image import LoadedImage
-from experts.maps import mask_from_heatmap, regions_from_mask, resize_map
+from experts.maps import fit_longest_side, mask_from_heatmap, regions_from_mask, resize_map
 
 WEIGHTS_NAME = "manipulation"
 ENCODER_STAGES = (1, 2, 3, 4)  # strides 4, 8, 16, 32; channels 24, 40, 112, 320
@@ -213,16 +212,6 @@ def _fit(trace: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(trace, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def working_pixels(pixels: np.ndarray, side: int) -> np.ndarray:
-    """Downscale (area) so the longest side is at most `side`; never enlarge."""
-    height, width = pixels.shape[:2]
-    if max(height, width) <= side:
-        return pixels
-    scale = side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-
-
 @cache
 def load_localiser() -> LocaliserNet:
     """The shipped network (weights stored in fp16, run in fp32), in eval mode; cached."""
@@ -276,7 +265,7 @@ class ManipulationLocaliser:
             model = load_localiser()
         except ModelNotAvailableError as exc:
             return not_applicable(self.name, f"The manipulation localiser's weights are unavailable: {exc}")
-        pixels = working_pixels(np.ascontiguousarray(image.pixels), self.working_side)
+        pixels = fit_longest_side(np.ascontiguousarray(image.pixels), self.working_side)
         heatmap, score = predict(model, pixels)
         shape = (image.height, image.width)
         heatmap_full = np.clip(resize_map(heatmap, shape), 0.0, 1.0).astype(np.float32)

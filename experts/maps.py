@@ -20,6 +20,16 @@ def working_copy(pixels: np.ndarray, max_pixels: int = 2_000_000) -> tuple[np.nd
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA), scale
 
 
+def fit_longest_side(pixels: np.ndarray, side: int) -> np.ndarray:
+    """Downscale (area interpolation) so the longest side is at most `side`; never enlarge."""
+    height, width = pixels.shape[:2]
+    if max(height, width) <= side:
+        return pixels
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
 def resize_map(values: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
     """Resize a 2-D map to (height, width); float maps stay float32, bool maps stay bool."""
     height, width = shape

@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from experts.maps import fit_longest_side
 from finetune.augment import PostProcess, recompress
 
 log = logging.getLogger(__name__)
@@ -269,16 +270,6 @@ MANIPULATIONS = {
 # The synthesiser
 
 
-def fit_host(image: np.ndarray, longest: int) -> np.ndarray:
-    """Resize (area) so the longest side is at most `longest`."""
-    height, width = image.shape[:2]
-    if max(height, width) <= longest:
-        return image
-    scale = longest / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 @dataclass(frozen=True, eq=False)
 class Synthesiser:
     """Pools of pristine hosts and object shapes; `make(rng)` returns one Forgery."""
@@ -291,7 +282,7 @@ class Synthesiser:
 
     def make(self, rng: np.random.Generator, kind: str | None = None, pristine: bool = False) -> Forgery:
         host = self.hosts[int(rng.integers(len(self.hosts)))]
-        host = fit_host(host, int(rng.integers(HOST_SIDE[0], HOST_SIDE[1] + 1)))
+        host = fit_longest_side(host, int(rng.integers(HOST_SIDE[0], HOST_SIDE[1] + 1)))
         if pristine:
             edited, mask, kind = host, np.zeros(host.shape[:2], bool), "pristine"
         else:
@@ -311,7 +302,7 @@ def from_manifest(datasets: Sequence[str] = ("casia1",), max_side: int = 512) ->
     from finetune.data import manifest_items, read_mask, read_rgb
 
     pristine = manifest_items(datasets, "train", labels=("authentic", "real_face", "real_photo"))
-    hosts = [fit_host(read_rgb(item.file), max_side) for item in pristine]
+    hosts = [fit_longest_side(read_rgb(item.file), max_side) for item in pristine]
     tampered = [
         item for item in manifest_items(["casia1"], "train", labels=("manipulated",)) if item.mask_file
     ]

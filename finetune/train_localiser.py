@@ -30,11 +30,11 @@ import torch.nn.functional as F  # noqa: N812
 from tqdm import tqdm
 
 from experts.backbone import normalise
-from experts.maps import mask_from_heatmap
+from experts.maps import fit_longest_side, mask_from_heatmap
 from finetune.augment import PostProcess, recompress
 from finetune.data import manifest_items, read_mask, read_rgb
 from finetune.recipe import Checkpoints, RecipeConfig, parse_config, ship_weights, start
-from finetune.synth import Synthesiser, fit_host, shapes_from_masks
+from finetune.synth import Synthesiser, shapes_from_masks
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_training_data(config: LocaliserConfig) -> TrainingData:
         tampered.append((image, read_mask(item.mask_file, image.shape[:2])))
     authentic = [read_rgb(i.file) for i in manifest_items(["casia1"], "train", ["authentic"])]
     others = manifest_items(["faces_real", "ai_playground"], "train", ["real_face", "real_photo"])
-    hosts = authentic + [fit_host(read_rgb(i.file), 512) for i in others]
+    hosts = authentic + [fit_longest_side(read_rgb(i.file), 512) for i in others]
     synthesiser = Synthesiser(hosts, shapes_from_masks([m for _, m in tampered]), post=post_process(config))
     log.info(
         "CASIA train: %d tampered, %d authentic; %d synthesis hosts",
