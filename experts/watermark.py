@@ -225,8 +225,11 @@ def _viterbi(soft: np.ndarray) -> np.ndarray:
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.float32)
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    """Float32 luma, channel by channel (no float copy of the whole RGB image)."""
+    luma = rgb[..., 0] * np.float32(0.299)
+    luma += rgb[..., 1] * np.float32(0.587)
+    luma += rgb[..., 2] * np.float32(0.114)
+    return luma
 
 
 def _masking(luma: np.ndarray) -> np.ndarray:
@@ -570,8 +573,8 @@ def verify(
 ) -> VerifyResult:
     """Look for our watermark in an RGB uint8 image (possibly resized, cropped or re-compressed)."""
     patterns = _patterns(key)
-    luma = _luma(pixels)
-    crop, crop_origin = _centre_crop(luma, MAX_ANALYSIS_SIDE)
+    crop_pixels, crop_origin = _centre_crop(pixels, MAX_ANALYSIS_SIDE)
+    crop = _luma(crop_pixels)
     if min(crop.shape) < 2 * MIN_PERIOD + 4:
         return VerifyResult(False, (), False, (1.0, 1.0), 0.0, notes=("image too small to hold the mark",))
     residual = _residual(crop)
@@ -590,8 +593,11 @@ def verify(
     def fold_at(scale: tuple[float, float]) -> tuple[float, tuple[float, float], np.ndarray, np.ndarray]:
         work = residual
         if scale != (1.0, 1.0):
-            size = (max(1, round(crop.shape[1] / scale[1])), max(1, round(crop.shape[0] / scale[0])))
-            work = _residual(cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR))
+            # Only as much of the crop (from its top-left, so the phase holds) as makes at most
+            # MAX_ANALYSIS_SIDE a side at the canonical scale: a small period must not blow it up.
+            part = crop[: math.ceil(MAX_ANALYSIS_SIDE * scale[0]), : math.ceil(MAX_ANALYSIS_SIDE * scale[1])]
+            size = (max(1, round(part.shape[1] / scale[1])), max(1, round(part.shape[0] / scale[0])))
+            work = _residual(cv2.resize(part, size, interpolation=cv2.INTER_LINEAR))
         folded = _fold(work)
         surface = _circular_correlation(folded, patterns.sync)
         spread = 1.4826 * float(np.median(np.abs(surface - np.median(surface)))) + 1e-9

@@ -31,12 +31,6 @@ from finetune.instructions import record_conversation as record
 
 DATA = Path("../shared/data/manifest.csv")
 CLASSICAL = ["ela", "noise", "jpeg", "copy_move", "metadata", "frequency"]
-VLM_TEMPLATE = (  # as in tests/test_backends.py: images as <|image_pad|>, no tool support
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{% if message.content is string %}"
-    "{{ message.content }}{% else %}{% for part in message.content %}{% if part.type == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part.text }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data is not here")
 
 
@@ -164,60 +158,6 @@ def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     folder = tmp_path_factory.mktemp("records")
     spec = _spec(folder, samples.splice().data, [("verdict", "Is this fake?")])
     return record(spec, ["ela", "noise"])[0]  # two experts: short prompts, so the tests train quickly
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    from assistant.backends.embedded import language_model_dir
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    tokenizer = AutoTokenizer.from_pretrained(language_model_dir(), local_files_only=True)
-    vision_tokens = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
-    start, pad, end, video = tokenizer.convert_tokens_to_ids(vision_tokens)
-    Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=VLM_TEMPLATE,
-    ).save_pretrained(folder)
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text |= {"num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 4096}
-    text |= {
-        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-    }
-    vision = {
-        "depth": 1,
-        "embed_dim": 32,
-        "hidden_size": 32,
-        "num_heads": 2,
-        "mlp_ratio": 2,
-        "patch_size": 14,
-    }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=pad,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    return folder
 
 
 def test_the_recipe_trains_a_tiny_qwen2_vl(tiny_qwen2_vl: Path, records: list[dict], tmp_path: Path) -> None:
