@@ -124,6 +124,7 @@ class RefinedLocalisation:
         "Refined localisation: the learned manipulation localiser's regions re-drawn along object edges "
         "by a promptable segmenter (a distilled SAM student) given each region's box."
     )
+    uses = ("manipulation", "student")  # the shipped weights its output depends on
     source: str = "manipulation"  # the expert whose coarse mask is refined
     max_regions: int = 2
     confirm_iou: float = 0.1

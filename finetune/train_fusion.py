@@ -92,12 +92,14 @@ def collect(config: FusionConfig) -> list[dict]:
 
 
 def _stamp(name: str) -> str:
-    """An expert's version and, for a learned one, its weights' hash: a change invalidates the cache."""
+    """An expert's version and the hashes of the shipped weights it runs on (its own, and those named
+    in its `uses`, e.g. the segmenter's localiser and student): a change invalidates the cache."""
     from experts.learned import available, expected_sha256
     from experts.registry import expert_class
 
-    version = str(expert_class(name).version)
-    return f"{version}:{expected_sha256(name)[:12]}" if available(name) else version
+    expert = expert_class(name)
+    weights = [w for w in (name, *getattr(expert, "uses", ())) if available(w)]
+    return ":".join([str(expert.version), *(expected_sha256(w)[:12] for w in weights)])
 
 
 def _load(file: Path) -> dict:
