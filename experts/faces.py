@@ -14,7 +14,10 @@ when the photo is black and white (the classifier was trained on colour faces on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -66,6 +69,21 @@ class DetectedFace:
 # Detection
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """MediaPipe's native code (TFLite, absl) writes INFO and warning lines straight to file descriptor 2
+    when a detector starts and first runs; they are noise to a user. Only that first use is wrapped."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _blazeface(model_selection: int):
     """The process's BlazeFace detector (0: short range, faces filling much of the frame; 1: full range,
     small faces); call with _DETECTOR_LOCK held."""
@@ -77,9 +95,12 @@ def _blazeface(model_selection: int):
                 f"the face detector (MediaPipe BlazeFace) cannot be imported ({exc}); install it with "
                 f"`{INSTALL_HINT}`"
             ) from exc
-        _DETECTORS[model_selection] = face_detection.FaceDetection(
-            model_selection=model_selection, min_detection_confidence=0.5
-        )
+        with _native_stderr_silenced():
+            detector = face_detection.FaceDetection(
+                model_selection=model_selection, min_detection_confidence=0.5
+            )
+            detector.process(np.zeros((64, 64, 3), np.uint8))  # the first run logs too
+        _DETECTORS[model_selection] = detector
     return _DETECTORS[model_selection]
 
 

