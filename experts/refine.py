@@ -7,10 +7,11 @@ For each of the largest connected components of the coarse mask the segmenter is
 component's box (grown a little) and a positive point at its most confident pixel (optionally also the
 coarse heatmap around it as a mask prompt). A component is kept, re-drawn, when the segmenter confirms
 it (its mask overlaps the coarse component by at least `confirm_iou`); otherwise the coarse component is
-kept as it was or dropped (`unconfirmed`). The defaults were chosen on CASIA v1 `val` with the
-manipulation localiser's masks (pixel-F1 0.198 -> 0.302 there): its two largest regions, no mask
-prompt (the coarse map, which covers about 45% of the image there, pulled the masks back towards
-itself), confirmation at IoU 0.1, unconfirmed regions dropped. The segmenter is the distilled student
+kept as it was or dropped (`unconfirmed`). The defaults were chosen on CASIA v1 `val`
+(`python -m benchmarks.segment --split val` and its options) with the shipped localiser (3,600 steps):
+its two largest regions, the coarse heatmap as a mask prompt, confirmation at IoU 0.1, unconfirmed
+regions dropped: pixel-F1 0.508 -> 0.525 there. Without the mask prompt refinement lost 0.004; with the
+first, undertrained localiser (whose map covered about 45% of the image) the mask prompt was what hurt. The segmenter is the distilled student
 (experts/student.py) by default; any object with SAM's predictor interface and `mask_input_from`
 (e.g. experts.sam.SamTeacher) works.
 
@@ -119,7 +120,7 @@ def refine(
 @dataclass(frozen=True)
 class RefinedLocalisation:
     name = "segmenter"
-    version = "1"
+    version = "2"
     description = (
         "Refined localisation: the learned manipulation localiser's regions re-drawn along object edges "
         "by a promptable segmenter (a distilled SAM student) given each region's box."
@@ -129,7 +130,7 @@ class RefinedLocalisation:
     max_regions: int = 2
     confirm_iou: float = 0.1
     unconfirmed: str = "drop"
-    use_mask_prompt: bool = False
+    use_mask_prompt: bool = True
 
     def analyze(self, image: LoadedImage) -> Evidence:
         from experts.runner import run_expert
