@@ -11,9 +11,9 @@ kept as it was or dropped (`unconfirmed`). The defaults were chosen on CASIA v1 
 (`python -m benchmarks.segment --split val` and its options) with the shipped localiser (3,600 steps):
 its two largest regions, the coarse heatmap as a mask prompt, confirmation at IoU 0.1, unconfirmed
 regions dropped: pixel-F1 0.508 -> 0.525 there. Without the mask prompt refinement lost 0.004; with the
-first, undertrained localiser (whose map covered about 45% of the image) the mask prompt was what hurt. The segmenter is the distilled student
-(experts/student.py) by default; any object with SAM's predictor interface and `mask_input_from`
-(e.g. experts.sam.SamTeacher) works.
+first, undertrained localiser (whose map covered about 45% of the image) the mask prompt was what
+hurt. The segmenter is the distilled student (experts/student.py) by default; any object with SAM's
+predictor interface and `mask_input_from` (e.g. experts.sam.SamTeacher) works.
 
 Score: the manipulation localiser's own score (refinement changes where, not whether).
 """
