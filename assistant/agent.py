@@ -458,6 +458,17 @@ class Agent:
 
     # -- the turn ---------------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Load every expert's weights (on a built-in sample) and read the system prompt with the tools
+        into the backend's prefix cache, so that the first question costs what later ones do."""
+        from experts import samples
+
+        conversation = Conversation()
+        image_id = conversation.add_image(samples.authentic().data)
+        self._analysis(conversation, image_id)
+        messages = [self._system(conversation, image_id), Message("user", "Is this image fake?")]
+        self.backend.generate(messages, self.tools, max_new_tokens=1)
+
     def ask(
         self,
         conversation: Conversation,

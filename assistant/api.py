@@ -35,11 +35,16 @@ class ForensicsAssistant:
         adapter: str | None = None,
         device: str | None = None,
         experts: Iterable[str] | None = None,
+        warm_up: bool = True,
         **options: Any,
     ) -> ForensicsAssistant:
         """model None (or "embedded") is the embedded offline model; otherwise a local transformers
-        model folder. options go to the backend (e.g. allow_download=True, dtype=...)."""
-        return cls(load_backend(model, adapter=adapter, device=device, **options), experts=experts)
+        model folder. options go to the backend (e.g. allow_download=True, dtype=...). warm_up: load
+        the experts' weights and cache the system prompt now (a second or two), not on the first question."""
+        assistant = cls(load_backend(model, adapter=adapter, device=device, **options), experts=experts)
+        if warm_up:
+            assistant.agent.warm_up()
+        return assistant
 
     @property
     def model(self):

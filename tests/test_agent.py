@@ -71,10 +71,10 @@ def authentic() -> bytes:
 
 
 @cache
-def splice_facts() -> tuple[str, str, list[str], str]:
+def splice_facts(experts=None) -> tuple[str, str, list[str], str]:
     """The built-in splice's fused probability as a percentage and with two decimals, its where
     phrases and the side of its main region: the texts below state them as a correct answer would."""
-    verdict = fused(splice())
+    verdict = fused(splice(), experts)
     where = where_phrases(verdict.mask)
     return f"{verdict.probability:.0%}", f"{verdict.probability:.2f}", where, where[0].split(" (")[0]
 
@@ -137,18 +137,20 @@ def test_the_verdict_always_comes_from_the_fusion():
 
 
 def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
-    wrong = "The image is manipulated (20%); the noise there is 4.7x higher, in the upper-right corner."
-    _, p2, _, side = splice_facts()
+    # none of these experts finds anything in the lower right of the splice
+    experts = ("ela", "jpeg", "metadata", "manipulation", "ai_generated", "frequency")
+    wrong = "The image is manipulated (20%); the noise there is 91.3x higher, in the lower-right corner."
+    _, p2, _, side = splice_facts(experts)
     right = f"The image is manipulated, with a fused probability of {p2}; the marked area is on the {side}."
     backend = ScriptedBackend(call("analyze_image"), wrong, right)
-    answer = Agent(backend).ask(Conversation(), "Was this edited?", [splice()])
+    answer = Agent(backend, experts=experts).ask(Conversation(), "Was this edited?", [splice()])
     assert answer.text == right and not answer.corrected
     assert len(answer.problems) == 3
     feedback = backend.calls[-1][0][-1]
     assert feedback.role == "user"
     assert "- The answer states a probability of 20%" in feedback.content
-    assert "- The answer states the number 4.7x, which is not in the evidence." in feedback.content
-    assert "- The answer places the evidence in the upper-right" in feedback.content
+    assert "- The answer states the number 91.3x, which is not in the evidence." in feedback.content
+    assert "- The answer places the evidence in the lower-right" in feedback.content
     assert backend.calls[-1][1] == []  # no tools for the rewrite
 
 
@@ -504,7 +506,7 @@ def _splice_grounds() -> tuple[Verdict, tuple[Evidence, ...], list[str]]:
         ("The result is inconclusive.", 'calls the image "inconclusive"'),
         ("The image is manipulated with a probability of 30%.", "states a probability of 30%"),
         ("The image is manipulated; there is a 90% chance it is authentic.", "states a probability of 90%"),
-        ("It is manipulated: the noise is 4.7x the rest of the image.", "states the number 4.7x"),
+        ("It is manipulated: the noise is 91.3x the rest of the image.", "states the number 91.3x"),
         ("It is manipulated: 413 regions were pasted.", "states the number 413"),
         ("It is manipulated; the probability of manipulation is 3%.", "states a probability of 3%"),
         ("It is manipulated; the probability of manipulation is 100%.", "states a probability of 100%"),

@@ -17,7 +17,7 @@ from assistant.ui.render import FUSED_LABEL, annotated_image, evidence_panel, ve
 from assistant.ui.session import Session, SharedModels
 from experts.samples import authentic, splice
 
-EXPERTS = ["ela", "jpeg", "noise", "metadata", "manipulation"]
+EXPERTS = ["ela", "jpeg", "noise", "metadata", "frequency", "manipulation"]
 
 
 class TwoStepBackend(ScriptedBackend):

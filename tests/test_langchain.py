@@ -57,7 +57,7 @@ def test_a_fake_chat_model_emits_a_call_and_our_tool_runs_with_base64():
             [AIMessage("", tool_calls=[{"name": "analyze_image", "args": {"image": encoded}, "id": "c1"}])]
         )
     )
-    experts = ["ela", "jpeg", "metadata", "manipulation"]  # enough for the splice's verdict
+    experts = ["ela", "jpeg", "metadata", "manipulation", "ai_generated"]  # enough for the splice's verdict
     tools = {tool.name: tool for tool in forensics_tools(experts, include_assistant=False)}
     request = model.invoke("Is this image fake?").tool_calls[0]
     message = tools[request["name"]].invoke({**request, "type": "tool_call"})
@@ -83,7 +83,7 @@ def test_tool_arguments_are_typed_from_the_expert_settings():
 def test_the_whole_assistant_as_a_tool(splice_file):
     from assistant import ForensicsAssistant
 
-    experts = ["ela", "jpeg", "metadata", "manipulation"]
+    experts = ["ela", "jpeg", "metadata", "manipulation", "ai_generated"]
     bot = ForensicsAssistant(ScriptedBackend(call("analyze_image", image="image_1")), experts=experts)
     tool = assistant_tool(bot)
     message = tool.invoke(

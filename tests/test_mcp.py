@@ -17,7 +17,8 @@ from experts.samples import splice
 
 async def _session_calls(path: str, data_b64: str) -> tuple:
     server = StdioServerParameters(
-        command=sys.executable, args=["-m", "assistant", "mcp", "--experts", "ela,jpeg,metadata,manipulation"]
+        command=sys.executable,
+        args=["-m", "assistant", "mcp", "--experts", "ela,jpeg,metadata,manipulation,ai_generated"],
     )
     async with stdio_client(server) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
@@ -46,6 +47,7 @@ def test_mcp_client_lists_the_tools_and_gets_masks_as_images(tmp_path):
         "jpeg",
         "metadata",
         "manipulation",
+        "ai_generated",
         "ask_forensics_assistant",
     }
     assert tools["ela"].input_schema["required"] == ["image"]

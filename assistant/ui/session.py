@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.agent import Agent
 from assistant.analysis import analyze
 from assistant.api import ForensicsAssistant
 from assistant.backends import Backend, Message, load_backend
@@ -61,12 +62,18 @@ class LockedBackend:
         return getattr(self.backend, name)
 
 
+def _warmed(backend: Backend) -> Backend:
+    """The backend after a warm-up turn (experts' weights loaded, system prompt cached)."""
+    Agent(backend).warm_up()
+    return backend
+
+
 class SharedModels:
     """Backends by model path, loaded on first use and shared by every session. `loader` builds a
     backend from a model spec (None or "embedded": the embedded model); tests pass their own."""
 
     def __init__(self, loader: Callable[[str | None], Backend] | None = None, **options: Any) -> None:
-        self._loader = loader or (lambda spec: load_backend(spec, **options))
+        self._loader = loader or (lambda spec: _warmed(load_backend(spec, **options)))
         self._backends: dict[str, LockedBackend] = {}
         self._loading = threading.Lock()
 
