@@ -27,7 +27,7 @@ def _rows(path):
 
 def test_jsonl_has_one_line_per_image_with_verdict_and_scores(folder, tmp_path, capsys):
     jsonl = tmp_path / "results.jsonl"
-    experts = "ela,jpeg,metadata,manipulation"
+    experts = "ela,jpeg,metadata,manipulation,ai_generated"
     assert main(["analyze", str(folder), "--jsonl", str(jsonl), "--experts", experts]) == 1
     rows = {row["path"].rsplit("/", 1)[-1]: row for row in _rows(jsonl)}
     assert set(rows) == {"splice.jpg", "copy.jpg", "broken.png"}
