@@ -104,9 +104,15 @@ def augment(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) -> n
     exceeds the range, a random flip, and JPEG re-encoding at a random quality."""
     if min(pixels.shape[:2]) > config.short_side[1]:
         pixels = shrink_to(pixels, int(rng.integers(config.short_side[0], config.short_side[1] + 1)))
+    return flip_and_encode(rng, pixels, config, always_jpeg=False)
+
+
+def flip_and_encode(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig, always_jpeg: bool):
+    """The tail every training view shares: a random flip, then JPEG at a random quality and chroma
+    subsampling (always, or with p = config.p_jpeg)."""
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    if rng.random() < config.p_jpeg:
+    if always_jpeg or rng.random() < config.p_jpeg:
         quality = int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1))
         pixels = recompress(np.ascontiguousarray(pixels), quality, subsampling=int(rng.choice([0, 2])))
     return np.ascontiguousarray(pixels)
@@ -117,10 +123,7 @@ def face_view(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) ->
     against JPEGs of many sizes: a format shortcut otherwise): resized to a random short side, a
     random flip, always JPEG at a random quality."""
     pixels = shrink_to(pixels, int(rng.integers(config.face_side[0], config.face_side[1] + 1)))
-    if rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    quality = int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1))
-    return recompress(np.ascontiguousarray(pixels), quality, subsampling=int(rng.choice([0, 2])))
+    return flip_and_encode(rng, pixels, config, always_jpeg=True)
 
 
 def random_window(rng: np.random.Generator, pixels: np.ndarray, size: int) -> np.ndarray:
