@@ -54,6 +54,12 @@ class FusionConfig(RecipeConfig):
     # How far an expert that finds nothing can speak for authenticity (log-odds): a face judged real
     # must not clear a whole photo in which other experts found an edit.
     presence_bound: float = 2.0
+    # Score weights set by design, not fitted ("expert=weight"). The val sets carry no metadata evidence
+    # but CASIA's "written by Photoshop" on its tampered files, a data set artefact: fitted, metadata's
+    # weight came out 7.2 and "edited in Photoshop" alone accused pristine photos. Fixed at 4, the
+    # expert's own strength reads as evidence: a generator signature (0.9) adds 3.6 to the log-odds,
+    # editing software alone (0.35) 1.4.
+    fixed: tuple[str, ...] = ("metadata=4.0",)
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
     experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
@@ -188,10 +194,12 @@ def fit_logistic(
     l2: float,
     weights: np.ndarray | None = None,
     bound: float | None = None,
+    fixed: dict[int, float] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Weighted L2-regularised logistic regression by L-BFGS; coefficients in `nonnegative` are kept
-    >= 0 through a softplus, the others within +-bound (when given) through a tanh. Returns
-    (coefficients, bias)."""
+    >= 0 through a softplus, the others within +-bound (when given) through a tanh, and those in
+    `fixed` (column -> value) are not fitted. Returns (coefficients, bias)."""
+    fixed = fixed or {}
     x = torch.from_numpy(features).double()
     y = torch.from_numpy(labels).double()
     w = torch.from_numpy(weights if weights is not None else np.ones_like(labels)).double()
@@ -200,9 +208,14 @@ def fit_logistic(
     mask = torch.zeros(features.shape[1], dtype=torch.bool)
     mask[nonnegative] = True
 
+    held = torch.zeros(features.shape[1], dtype=torch.bool)
+    held[list(fixed)] = True
+    values = torch.zeros(features.shape[1], dtype=torch.float64)
+    values[list(fixed)] = torch.tensor(list(fixed.values()), dtype=torch.float64)
+
     def coefficients() -> torch.Tensor:
         bounded = raw if bound is None else bound * torch.tanh(raw / bound)
-        return torch.where(mask, torch.nn.functional.softplus(raw), bounded)
+        return torch.where(held, values, torch.where(mask, torch.nn.functional.softplus(raw), bounded))
 
     optimiser = torch.optim.LBFGS([raw, bias], max_iter=500, line_search_fn="strong_wolfe")
 
@@ -210,12 +223,17 @@ def fit_logistic(
         optimiser.zero_grad()
         logits = x @ coefficients() + bias
         loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
-        loss = loss / w.sum() + l2 * (coefficients() ** 2).sum()
+        loss = loss / w.sum() + l2 * (coefficients()[~held] ** 2).sum()
         loss.backward()
         return loss
 
     optimiser.step(closure)
     return coefficients().detach().numpy(), float(bias.detach())
+
+
+def _fixed_weight(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    return name.strip(), float(value)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -290,18 +308,29 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     weights = balance(records)
     k = len(experts)
     nonnegative = slice(k, 2 * k)
+    fixed = {
+        k + experts.index(name): float(value)
+        for name, value in map(_fixed_weight, config.fixed)
+        if name in experts
+    }
 
     out_of_fold = np.zeros(len(records))
     folds = np.array([fold_of(r, config.folds) for r in records])
     for fold in range(config.folds):
         train, held = folds != fold, folds == fold
         coefficients, bias = fit_logistic(
-            features[train], labels[train], nonnegative, config.l2, weights[train], config.presence_bound
+            features[train],
+            labels[train],
+            nonnegative,
+            config.l2,
+            weights[train],
+            config.presence_bound,
+            fixed,
         )
         out_of_fold[held] = features[held] @ coefficients + bias
     temperature = fit_temperature(out_of_fold, labels)
     coefficients, bias = fit_logistic(
-        features, labels, nonnegative, config.l2, weights, config.presence_bound
+        features, labels, nonnegative, config.l2, weights, config.presence_bound, fixed
     )
 
     rng = np.random.default_rng(config.seed)
@@ -354,7 +383,10 @@ so an expert that examined the image and found nothing can speak for authenticit
 weighted equally; a temperature fitted on {folds}-fold out-of-fold logits (folds by file) calibrates
 it. The fused heatmap is a logistic model over the localising experts' heatmaps fitted on CASIA `val`
 pixels; its best-F1 threshold there is rescaled to 0.5. Provenance (C2PA, watermarks) is fixed by
-design, not fitted. Never fitted or tuned on `test`.
+design, not fitted. Score weights fixed by design, not fitted: {fixed} (`FusionConfig.fixed`: on `val`,
+metadata evidence beyond "no camera data" is only CASIA's "written by Photoshop" on its tampered files,
+an artefact of that data set; fitted, the weight learned that editing software convicts). Never fitted
+or tuned on `test`.
 
 | expert | presence c (defence if < 0) | score weight w |
 |---|---|---|
@@ -386,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows=rows,
             pixel_rows=pixel_rows,
             pixel_bias=model.pixel_bias,
+            fixed=", ".join(config.fixed) or "none",
         )
         path = ship_weights(WEIGHTS_NAME, tensors, card, config, scores, metadata=metadata)
         print(f"wrote {path}")

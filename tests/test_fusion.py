@@ -99,3 +99,30 @@ def test_the_shipped_fusion_is_fitted_and_sane():
     assert all(w >= 0 for w in model.weight) and 0.2 <= model.temperature <= 20
     clean = [evidence(name, 0.0) for name in model.experts]
     assert fuse(clean, SHAPE, model).label == "authentic"
+
+
+def test_a_fixed_weight_is_kept_and_the_others_are_fitted():
+    from finetune.train_fusion import fit_logistic
+
+    rng = np.random.default_rng(0)
+    features = rng.random((400, 2))
+    labels = (features[:, 0] + 0.1 * rng.standard_normal(400) > 0.5).astype(np.float64)
+    coefficients, _ = fit_logistic(features, labels, slice(0, 2), 1e-4, fixed={1: 4.0})
+    assert coefficients[1] == 4.0 and coefficients[0] > 4.0  # column 0 carries the label
+
+
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_editing_software_alone_accuses_nobody():
+    """CASIA's tampered files say "written by Photoshop" and its authentic ones do not: a fitted weight
+    learned that artefact (the fusion fitted with it called this photo manipulated, 0.73). The shipped
+    fusion must not accuse a photo for its editing software ("uncertain" is allowed: it was edited)."""
+    model = fusion_model()
+    photoshop = 1 - (1 - 0.35) * (1 - 0.12)  # metadata: editing software + no camera data
+    # the learned experts' mean scores on the pristine photos (`forensics eval` of clean_photos); no face
+    typical = {"metadata": photoshop, "manipulation": 0.6, "ai_generated": 0.15, "faces": None}
+    found = [evidence(name, typical.get(name, 0.0)) for name in model.experts]
+    assert fuse(found, SHAPE, model).label in ("authentic", "uncertain")
+    without = [
+        evidence(name, 0.12 if name == "metadata" else typical.get(name, 0.0)) for name in model.experts
+    ]
+    assert fuse(without, SHAPE, model).label == "authentic"
