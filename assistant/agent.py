@@ -429,11 +429,15 @@ class Agent:
     """Runs turns of a conversation with a backend (assistant/backends).
 
     max_steps: rounds of tool calls before the model must answer (so at most max_steps + 1
-    generations, plus one retry when the answer fails the check). experts: the tools offered and the
-    experts fused (default: every registered expert). max_new_tokens: the budget of an answer;
-    plan_tokens: of the first step, whose text is only used for its tool calls. history_messages: how
-    many earlier messages of the conversation the model sees. The budgets fit a reply of one tool
-    call (a backend stops right after `</tool_call>`) and an answer of about 100 words."""
+    generations, plus answer_retries when the answer fails the check). answer_retries: 1 lets the model
+    rewrite a rejected answer once, told what was wrong, before the grounded composition replaces it;
+    0 (the default) composes at once: on the embedded CPU model a retry costs about 5 s of a 10-s turn
+    (`python benchmarks/assistant.py --full --answer-retries 1` counts how often it passes). experts:
+    the tools offered and the experts fused (default: every registered expert). max_new_tokens: the
+    budget of an answer; plan_tokens: of the first step, whose text is only used for its tool calls.
+    history_messages: how many earlier messages of the conversation the model sees. The budgets fit a
+    reply of one tool call (a backend stops right after `</tool_call>`) and an answer of about 100
+    words."""
 
     def __init__(
         self,
@@ -443,9 +447,12 @@ class Agent:
         max_new_tokens: int = 160,
         history_messages: int = 24,
         plan_tokens: int = 96,
+        answer_retries: int = 0,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        if answer_retries not in (0, 1):
+            raise ValueError(f"answer_retries must be 0 or 1, got {answer_retries}")
         self.backend = backend
         self.max_steps = max_steps
         self.experts = list(available_experts() if experts is None else experts)
@@ -455,6 +462,7 @@ class Agent:
         self.max_new_tokens = max_new_tokens
         self.plan_tokens = min(plan_tokens, max_new_tokens)  # the first step's text is a plan or discarded
         self.history_messages = history_messages
+        self.answer_retries = answer_retries
 
     # -- the turn ---------------------------------------------------------------------------------
 
@@ -556,10 +564,10 @@ class Agent:
     def _checked(
         self, turn: _Turn, question: str, intent: _Intent, analysis: Analysis, candidate: str, fallback: bool
     ) -> tuple[str, bool, tuple[str, ...]]:
-        """The answer that leaves: the model's when it matches the verdict and evidence, else its one
-        retry, else the grounded composition. The answer must state the verdict when the question asks
-        for one, and whenever the model could not plan (an answer that says nothing checkable from a
-        model that could not make a tool call is not trusted)."""
+        """The answer that leaves: the model's when it matches the verdict and evidence, else its
+        retry (with answer_retries), else the grounded composition. The answer must state the verdict
+        when the question asks for one, and whenever the model could not plan (an answer that says
+        nothing checkable from a model that could not make a tool call is not trusted)."""
         verdict, evidence, where, others = self._grounds(turn, analysis)
         require = intent.wants_verdict or fallback
         check = dict(others=others, require_verdict=require, numbers=turn.numbers)
@@ -571,9 +579,9 @@ class Agent:
         )
         if not problems:
             return candidate, False, ()
-        if form_problems(candidate):
-            # An answer that loops or copies the prompt back even after tidying: a retry of the same
-            # small model does not recover from that, so the grounded composition answers at once.
+        if not self.answer_retries or form_problems(candidate):
+            # No retry wanted, or an answer that loops or copies the prompt back even after tidying (a
+            # retry of the same small model does not recover from that): the grounded composition.
             return self._compose(turn, question, analysis), True, tuple(problems)
         feedback = load_prompt(
             "feedback",

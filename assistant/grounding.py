@@ -370,6 +370,65 @@ def _place_names(cells: set[tuple[int, int]]) -> str:
 # The check
 
 
+def has_instruction(evidence: Sequence[Evidence]) -> bool:
+    """Whether the metadata expert found text in the file that addresses an AI system."""
+    return any(
+        isinstance(f, dict) and f.get("kind") == "instruction_like_text"
+        for e in evidence
+        if e.expert == "metadata" and isinstance(e.details, dict)
+        for f in e.details.get("findings", ())
+    )
+
+
+# "The file's metadata holds text addressed to an AI system": a claim only the metadata expert can back.
+_INSTRUCTION_CLAIM = re.compile(
+    r"\baddressed to an? (?:ai|assistant|model)\b|\bnot as an instruction\b|\bprompt injection\b",
+    re.IGNORECASE,
+)
+# "ela (score 0.01): The marked region re-compresses ...": a reason attributed to one expert.
+_ATTRIBUTION = re.compile(
+    r"(?:^|\bwhy:\s*|[-*•]\s*)(?P<name>[a-z][a-z0-9_]*) \((?:score (?P<score>\d(?:\.\d+)?)|not applicable)"
+    r"[^)]*\):\s*(?P<claim>[^\n]+)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_WORD = re.compile(r"[a-z]{4,}")
+ATTRIBUTION_OVERLAP = 0.5  # share of an attributed reason's words that must be in that expert's findings
+
+
+def _attribution_problems(text: str, evidence: Sequence[Evidence]) -> list[str]:
+    """Reasons the answer puts in an expert's mouth (the trained "name (score s): sentence" form) must
+    carry that expert's score and come from its own findings, not from another expert's or none."""
+    by_name = {e.expert: e for e in evidence}
+    problems = []
+    for match in _ATTRIBUTION.finditer(text):
+        name = match.group("name").lower()
+        item = by_name.get(name)
+        if item is None:
+            if name in _EXPERT_WORDS:
+                problems.append(
+                    f"The answer quotes the {name} expert, whose results are not in the evidence."
+                )
+            continue
+        score = match.group("score")
+        if score is not None and (item.score is None or abs(float(score) - item.score) > 0.0051):
+            problems.append(
+                f"The answer gives {name} a score of {score}, but its score is {_score(item)[6:] or 'none'}."
+            )
+        words = set(_WORD.findall(match.group("claim").lower()))
+        own = set(_WORD.findall(" ".join(_evidence_passages([item])).lower()))
+        if words and len(words & own) < ATTRIBUTION_OVERLAP * len(words):
+            problems.append(
+                f'The answer attributes "{_shorten(match.group("claim"))}" to {name}, but that is not what '
+                f"{name} found: {_shorten(item.summary)}"
+            )
+    return problems
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def _evidence_passages(evidence: Sequence[Evidence]) -> list[str]:
     passages: list[str] = []
     for item in evidence:
@@ -471,6 +530,14 @@ def check_answer(
                 f"The answer places the evidence in the {_place_names(stated)}, but the evidence is only in: "
                 f"{'; '.join(where) or _place_names(allowed)}."
             )
+
+    # Who said what
+    problems += _attribution_problems(text, evidence)
+    if _INSTRUCTION_CLAIM.search(text) and not has_instruction(evidence):
+        problems.append(
+            "The answer says the file holds text addressed to an AI system, but the metadata expert found "
+            "none."
+        )
     problems += form_problems(text)
     return list(dict.fromkeys(problems))
 

@@ -41,7 +41,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
-from assistant.grounding import LABEL_WORDS, check_answer, compose_answer
+from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction
 from assistant.report import where_phrases
 from assistant.tools import ANALYZE_IMAGE, FUSED_MAP, SHOW_MAP
 from experts.base import Analysis, Evidence
@@ -284,16 +284,6 @@ def reference_answer(
 INSTRUCTION_NOTE = (
     "The file's metadata holds text addressed to an AI system; I treat it as data, not as an instruction."
 )
-
-
-def has_instruction(evidence: Sequence[Evidence]) -> bool:
-    """Whether the metadata expert found text in the file that addresses an AI system."""
-    return any(
-        isinstance(f, dict) and f.get("kind") == "instruction_like_text"
-        for e in evidence
-        if e.expert == "metadata" and isinstance(e.details, dict)
-        for f in e.details.get("findings", ())
-    )
 
 
 def _score(item: Evidence) -> str:

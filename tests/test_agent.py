@@ -136,14 +136,15 @@ def test_the_verdict_always_comes_from_the_fusion():
     assert any('calls the image "authentic"' in p for p in answer.problems)
 
 
-def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
+def test_with_a_retry_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
     # none of these experts finds anything in the lower right of the splice
     experts = ("ela", "jpeg", "metadata", "manipulation", "ai_generated", "frequency")
     wrong = "The image is manipulated (20%); the noise there is 91.3x higher, in the lower-right corner."
     _, p2, _, side = splice_facts(experts)
     right = f"The image is manipulated, with a fused probability of {p2}; the marked area is on the {side}."
     backend = ScriptedBackend(call("analyze_image"), wrong, right)
-    answer = Agent(backend, experts=experts).ask(Conversation(), "Was this edited?", [splice()])
+    agent = Agent(backend, experts=experts, answer_retries=1)
+    answer = agent.ask(Conversation(), "Was this edited?", [splice()])
     assert answer.text == right and not answer.corrected
     assert len(answer.problems) == 3
     feedback = backend.calls[-1][0][-1]
@@ -152,6 +153,16 @@ def test_a_wrong_answer_is_regenerated_once_with_the_problems_as_feedback():
     assert "- The answer states the number 91.3x, which is not in the evidence." in feedback.content
     assert "- The answer places the evidence in the lower-right" in feedback.content
     assert backend.calls[-1][1] == []  # no tools for the rewrite
+
+
+def test_by_default_a_wrong_answer_is_replaced_by_the_grounded_one_at_once():
+    experts = ("ela", "jpeg", "metadata", "manipulation", "ai_generated", "frequency")
+    wrong = "The image is manipulated (20%); the noise there is 91.3x higher, in the lower-right corner."
+    backend = ScriptedBackend(call("analyze_image"), wrong, "never asked for")
+    answer = Agent(backend, experts=experts).ask(Conversation(), "Was this edited?", [splice()])
+    assert answer.corrected and len(answer.problems) == 3
+    assert answer.text.startswith("Verdict for image_1: manipulated.")
+    assert len(backend.calls) == 2  # plan, answer; no retry
 
 
 def test_errors_go_back_to_the_model_as_observations():
@@ -182,11 +193,11 @@ def test_errors_go_back_to_the_model_as_observations():
 def test_steps_are_bounded():
     backend = ScriptedBackend(*[call("ela")] * 10)
     answer = Agent(backend, max_steps=2).ask(Conversation(), "Is this fake?", [splice()])
-    # two tool rounds, one forced answer without tools, one retry, then the grounded answer
-    assert len(backend.calls) == 4
-    assert [len(tools) > 0 for _, tools in backend.calls] == [True, True, False, False]
+    # two tool rounds, one forced answer without tools, then the grounded answer
+    assert len(backend.calls) == 3
+    assert [len(tools) > 0 for _, tools in backend.calls] == [True, True, False]
     assert answer.corrected and answer.text.startswith("Verdict for image_1: manipulated.")
-    assert [r.valid for r in answer.tool_calls] == [True, True, False, False]
+    assert [r.valid for r in answer.tool_calls] == [True, True, False]
 
 
 def test_expert_settings_from_the_model_reach_the_expert():
@@ -574,6 +585,57 @@ NOISE = Evidence("noise", 0.6, True, "The noise in the marked region is 3.1x the
 def test_check_answer_for_each_label(label, text, ok):
     problems = check_answer(text, _verdict(label, 0.5), [NOISE], [], require_verdict=True)
     assert (problems == []) is ok, problems
+
+
+ELA = Evidence(
+    "ela", 0.0, True, "Error levels are even across the image: no region re-compresses differently."
+)
+INJECTED = Evidence(
+    "metadata",
+    0.1,
+    True,
+    "The EXIF ImageDescription contains text addressed to an AI system; it is treated as data.",
+    details={"findings": [{"kind": "instruction_like_text", "weight": 0.1, "text": "..."}]},
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "evidence", "problem"),
+    [
+        ("Why: noise (score 0.60): The noise in the marked region is 3.1x the rest.", [NOISE, ELA], None),
+        (
+            "Why: noise (score 0.00): The noise in the marked region is 3.1x the rest.",
+            [NOISE, ELA],
+            "score of 0.00",
+        ),
+        (
+            "Why: ela (score 0.00): The noise in the marked region is 3.1x the rest.",
+            [NOISE, ELA],
+            "attributes",
+        ),
+        (
+            "Why: ela (score 0.00): The file's metadata holds text addressed to an AI system.",
+            [NOISE, ELA],
+            "attributes",
+        ),
+        ("Why: copy_move (score 0.90): A region appears twice.", [NOISE, ELA], "not in the evidence"),
+        (
+            "The file's metadata holds text addressed to an AI system; I treat it as data.",
+            [NOISE],
+            "found none",
+        ),
+        (
+            "The file's metadata holds text addressed to an AI system; I treat it as data.",
+            [NOISE, INJECTED],
+            None,
+        ),
+    ],
+)
+def test_check_answer_knows_which_expert_said_what(text, evidence, problem):
+    problems = check_answer(
+        f"The result is uncertain (50%). {text}", _verdict("uncertain", 0.5), evidence, []
+    )
+    assert (problems == []) if problem is None else any(problem in p for p in problems), problems
 
 
 @pytest.mark.parametrize("label", ["authentic", "manipulated", "ai_generated", "uncertain"])
