@@ -412,7 +412,8 @@ def _attribution_problems(text: str, evidence: Sequence[Evidence]) -> list[str]:
         score = match.group("score")
         if score is not None and (item.score is None or abs(float(score) - item.score) > 0.0051):
             problems.append(
-                f"The answer gives {name} a score of {score}, but its score is {_score(item)[6:] or 'none'}."
+                f"The answer gives {name} a score of {score}, but "
+                + ("it has no score." if item.score is None else f"its score is {item.score:.2f}.")
             )
         words = set(_WORD.findall(match.group("claim").lower()))
         own = set(_WORD.findall(" ".join(_evidence_passages([item])).lower()))

@@ -10,7 +10,9 @@ presence says when it finds nothing (negative: "I looked and it is clean" is evi
 authenticity). b, c, w are fitted by logistic regression on the `val` splits (raw, and re-saved as
 JPEG and resized, so the weights hold up under re-compression), and the temperature T on out-of-fold
 predictions, so the probability is calibrated (finetune/train_fusion.py; the numbers are in
-experts/weights/fusion.md). Each driver of a verdict carries its contribution in log-odds.
+experts/weights/fusion.md). A weight the `val` sets cannot teach is set by design instead (metadata's:
+there its only signal is a CASIA artefact, see `FusionConfig.fixed`). Each driver of a verdict
+carries its contribution in log-odds.
 
 Provenance is not learned (no data set here carries Content Credentials or watermarks): a broken or
 tampered provenance signal prosecutes with a fixed weight, an intact one defends (details
