@@ -590,6 +590,7 @@ def test_check_answer_for_each_label(label, text, ok):
 ELA = Evidence(
     "ela", 0.0, True, "Error levels are even across the image: no region re-compresses differently."
 )
+NO_FACE = Evidence("faces", None, False, "No face was found in the image.")
 INJECTED = Evidence(
     "metadata",
     0.1,
@@ -619,6 +620,7 @@ INJECTED = Evidence(
             "attributes",
         ),
         ("Why: copy_move (score 0.90): A region appears twice.", [NOISE, ELA], "not in the evidence"),
+        ("Why: faces (score 0.50): No face was found.", [NOISE, NO_FACE], "it has no score"),
         (
             "The file's metadata holds text addressed to an AI system; I treat it as data.",
             [NOISE],
