@@ -39,6 +39,7 @@ from assistant.grounding import (
     compose_answer,
     experts_named,
     form_problems,
+    score_text,
     tidy_answer,
 )
 from assistant.report import where_phrases
@@ -336,17 +337,11 @@ def _key_numbers(details: dict[str, Any], limit: int = 8) -> str:
     return ", ".join(numbers)
 
 
-def _score_text(item: Evidence) -> str:
-    if not item.applicable or item.score is None:
-        return "not applicable"
-    return f"score {item.score:.2f}"
-
-
 def observe_evidence(
     item: Evidence, image_id: str, where: Sequence[str] = (), settings: dict | None = None
 ) -> str:
     """One expert's evidence as the compact text the model reads."""
-    head = f"[{item.expert} on {image_id}] {_score_text(item)} (0 = nothing suspicious, 1 = strong evidence)"
+    head = f"[{item.expert} on {image_id}] {score_text(item)} (0 = nothing suspicious, 1 = strong evidence)"
     if settings:
         head += f"; non-default settings {json.dumps(settings)} (the fused verdict uses the defaults)"
     lines = [head + "."]
@@ -395,10 +390,10 @@ def observe_analysis(analysis: Analysis, image: LoadedImage, image_id: str) -> s
     wrapped = False
     for item in ranked:
         if _is_untrusted(item):
-            lines.append(f"- {item.expert} ({_score_text(item)}):\n{_wrap(item.summary, item.expert)}")
+            lines.append(f"- {item.expert} ({score_text(item)}):\n{_wrap(item.summary, item.expert)}")
             wrapped = True
         else:
-            lines.append(f"- {item.expert} ({_score_text(item)}): {item.summary}")
+            lines.append(f"- {item.expert} ({score_text(item)}): {item.summary}")
     if wrapped:
         lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)

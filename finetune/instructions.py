@@ -41,7 +41,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
-from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction
+from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction, score_text
 from assistant.report import where_phrases
 from assistant.tools import ANALYZE_IMAGE, FUSED_MAP, SHOW_MAP
 from experts.base import Analysis, Evidence
@@ -264,7 +264,7 @@ def reference_answer(
     for item in why:
         if item.expert == "metadata" and has_instruction([item]):
             continue
-        reasons.append(f"{item.expert} ({_score(item)}): {_first_sentence(item.summary)}")
+        reasons.append(f"{item.expert} ({score_text(item)}): {_first_sentence(item.summary)}")
     caveat = CAVEATS[verdict.label]
     grounds = dict(require_verdict=True, numbers=[image.width, image.height])
     expert_where = [w for e in evidence for w in _expert_where(e, image)]
@@ -284,10 +284,6 @@ def reference_answer(
 INSTRUCTION_NOTE = (
     "The file's metadata holds text addressed to an AI system; I treat it as data, not as an instruction."
 )
-
-
-def _score(item: Evidence) -> str:
-    return "not applicable" if item.score is None else f"score {item.score:.2f}"
 
 
 def _expert_where(item: Evidence, image: LoadedImage) -> list[str]:
