@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experts.base import Evidence, Verdict
+from experts.registry import available_experts
 
 # Experts whose summaries and details carry text read from the file (EXIF, XMP, PNG chunks, C2PA
 # manifests, watermark payloads): untrusted data, quoted and labelled, never obeyed.
@@ -412,7 +413,7 @@ def _attribution_problems(text: str, evidence: Sequence[Evidence]) -> list[str]:
         name = match.group("name").lower()
         item = by_name.get(name)
         if item is None:
-            if name in _EXPERT_WORDS:
+            if name in available_experts():
                 problems.append(
                     f"The answer quotes the {name} expert, whose results are not in the evidence."
                 )
