@@ -424,10 +424,10 @@ class Agent:
     """Runs turns of a conversation with a backend (assistant/backends).
 
     max_steps: rounds of tool calls before the model must answer (so at most max_steps + 1
-    generations, plus answer_retries when the answer fails the check). answer_retries: 1 lets the model
-    rewrite a rejected answer once, told what was wrong, before the grounded composition replaces it;
-    0 (the default) composes at once: on the embedded CPU model a retry costs about 5 s of a 10-s turn
-    (`python benchmarks/assistant.py --full --answer-retries 1` counts how often it passes). experts:
+    generations, plus one retry when the answer fails the check and retry_answer is set). retry_answer:
+    let the model rewrite a rejected answer once, told what was wrong, before the grounded composition
+    replaces it; off by default, composing at once: on the embedded CPU model a retry costs about 5 s of
+    a 10-s turn (`python benchmarks/assistant.py --full --retry-answer` counts how often it passes). experts:
     the tools offered and the experts fused (default: every registered expert). max_new_tokens: the
     budget of an answer; plan_tokens: of the first step, whose text is only used for its tool calls.
     history_messages: how many earlier messages of the conversation the model sees. The budgets fit a
@@ -442,12 +442,10 @@ class Agent:
         max_new_tokens: int = 160,
         history_messages: int = 24,
         plan_tokens: int = 96,
-        answer_retries: int = 0,
+        retry_answer: bool = False,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        if answer_retries not in (0, 1):
-            raise ValueError(f"answer_retries must be 0 or 1, got {answer_retries}")
         self.backend = backend
         self.max_steps = max_steps
         self.experts = list(available_experts() if experts is None else experts)
@@ -457,7 +455,7 @@ class Agent:
         self.max_new_tokens = max_new_tokens
         self.plan_tokens = min(plan_tokens, max_new_tokens)  # the first step's text is a plan or discarded
         self.history_messages = history_messages
-        self.answer_retries = answer_retries
+        self.retry_answer = retry_answer
 
     # -- the turn ---------------------------------------------------------------------------------
 
@@ -560,7 +558,7 @@ class Agent:
         self, turn: _Turn, question: str, intent: _Intent, analysis: Analysis, candidate: str, fallback: bool
     ) -> tuple[str, bool, tuple[str, ...]]:
         """The answer that leaves: the model's when it matches the verdict and evidence, else its
-        retry (with answer_retries), else the grounded composition. The answer must state the verdict
+        retry (with retry_answer), else the grounded composition. The answer must state the verdict
         when the question asks for one, and whenever the model could not plan (an answer that says
         nothing checkable from a model that could not make a tool call is not trusted)."""
         verdict, evidence, where, others = self._grounds(turn, analysis)
@@ -574,7 +572,7 @@ class Agent:
         )
         if not problems:
             return candidate, False, ()
-        if not self.answer_retries or form_problems(candidate):
+        if not self.retry_answer or form_problems(candidate):
             # No retry wanted, or an answer that loops or copies the prompt back even after tidying (a
             # retry of the same small model does not recover from that): the grounded composition.
             return self._compose(turn, question, analysis), True, tuple(problems)

@@ -36,16 +36,16 @@ class ForensicsAssistant:
         device: str | None = None,
         experts: Iterable[str] | None = None,
         warm_up: bool = True,
-        answer_retries: int = 0,
+        retry_answer: bool = False,
         **options: Any,
     ) -> ForensicsAssistant:
         """model None (or "embedded") is the embedded offline model; otherwise a local transformers
         model folder. options go to the backend (e.g. allow_download=True, dtype=...). warm_up: load
         the experts' weights and cache the system prompt now (a second or two), not on the first question.
-        answer_retries=1: a rejected answer is rewritten once by the model before the grounded one
+        retry_answer: a rejected answer is rewritten once by the model before the grounded one
         replaces it (worth it for a large model on a GPU)."""
         backend = load_backend(model, adapter=adapter, device=device, **options)
-        assistant = cls(backend, experts=experts, answer_retries=answer_retries)
+        assistant = cls(backend, experts=experts, retry_answer=retry_answer)
         if warm_up:
             assistant.agent.warm_up()
         return assistant

@@ -149,7 +149,7 @@ def speed(args) -> None:
     from assistant.backends import load_backend
 
     backend = load_backend()
-    agent = Agent(backend, answer_retries=args.answer_retries)
+    agent = Agent(backend, retry_answer=args.retry_answer)
     agent.warm_up()  # as ForensicsAssistant.load() and the app do before they report ready
     meter = Meter(backend)
     image = coffee_jpeg()
@@ -239,7 +239,7 @@ def questions(args) -> None:
     )
     pictures = images(count)
     backend = load_backend()
-    agent = Agent(backend, answer_retries=args.answer_retries)
+    agent = Agent(backend, retry_answer=args.retry_answer)
     meter = Meter(backend)
     per_image = [total // len(pictures) + (i < total % len(pictures)) for i in range(len(pictures))]
     asked = matched = corrected = fallback = verdicts = rewritten = 0
@@ -278,7 +278,7 @@ def questions(args) -> None:
         ("answers with a verdict", str(verdicts)),
         ("check stepped in (corrected)", f"{corrected}/{asked} ({corrected / asked:.0%})"),
         ("triage replaced the model (fallback)", f"{fallback}/{asked} ({fallback / asked:.0%})"),
-        (f"rejected, then passed on retry (answer_retries={args.answer_retries})", str(rewritten)),
+        (f"rejected, then passed on retry (retry_answer={args.retry_answer})", str(rewritten)),
         ("turn time median / max", f"{times[len(times) // 2]:.1f} s / {times[-1]:.1f} s"),
         (
             "model replies, tokens",
@@ -308,10 +308,9 @@ def main() -> None:
     parser.add_argument("--threads-sweep", action="store_true", help="compare torch thread counts")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the thread sweep")
     parser.add_argument(
-        "--answer-retries",
-        type=int,
-        default=0,
-        help="Agent(answer_retries=): 1 lets the model rewrite a rejected answer",
+        "--retry-answer",
+        action="store_true",
+        help="Agent(retry_answer=True): the model rewrites a rejected answer",
     )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -143,7 +143,7 @@ def test_with_a_retry_a_wrong_answer_is_regenerated_once_with_the_problems_as_fe
     _, p2, _, side = splice_facts(experts)
     right = f"The image is manipulated, with a fused probability of {p2}; the marked area is on the {side}."
     backend = ScriptedBackend(call("analyze_image"), wrong, right)
-    agent = Agent(backend, experts=experts, answer_retries=1)
+    agent = Agent(backend, experts=experts, retry_answer=True)
     answer = agent.ask(Conversation(), "Was this edited?", [splice()])
     assert answer.text == right and not answer.corrected
     assert len(answer.problems) == 3
