@@ -42,6 +42,7 @@ from assistant.grounding import (
     score_text,
     tidy_answer,
 )
+from assistant.guide import AnswerGuide
 from assistant.report import where_phrases
 from assistant.tools import (
     ANALYZE_IMAGE,
@@ -432,7 +433,9 @@ class Agent:
     budget of an answer; plan_tokens: of the first step, whose text is only used for its tool calls.
     history_messages: how many earlier messages of the conversation the model sees. The budgets fit a
     reply of one tool call (a backend stops right after `</tool_call>`) and an answer of about 100
-    words."""
+    words. guided: the answer's verdict, probability, expert scores and findings and the place are
+    copied from the evidence as the model writes them (assistant/guide.py); off, the model writes
+    every word and the check alone keeps it honest."""
 
     def __init__(
         self,
@@ -443,6 +446,7 @@ class Agent:
         history_messages: int = 24,
         plan_tokens: int = 96,
         retry_answer: bool = False,
+        guided: bool = True,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -456,6 +460,7 @@ class Agent:
         self.plan_tokens = min(plan_tokens, max_new_tokens)  # the first step's text is a plan or discarded
         self.history_messages = history_messages
         self.retry_answer = retry_answer
+        self.guided = guided
 
     # -- the turn ---------------------------------------------------------------------------------
 
@@ -766,6 +771,21 @@ class Agent:
             where += _evidence_where(item, image)
         return analysis.verdict, evidence, list(dict.fromkeys(where + turn.extra_where)), others
 
+    def _guide(self, turn: _Turn) -> AnswerGuide | None:
+        """The answer's guide: the verdicts of the turn's images; the subject's evidence and regions,
+        except in a comparison, where an expert's name alone does not say which image it read."""
+        if not self.guided:
+            return None
+        conversation = turn.conversation
+        analysis = self._analysis(conversation, turn.subject)
+        verdicts = {turn.subject: analysis.verdict}
+        for image_id in turn.compared or ():
+            verdicts.setdefault(image_id, self._analysis(conversation, image_id).verdict)
+        if turn.compared:
+            return AnswerGuide(verdicts)
+        where = where_phrases(analysis.verdict.mask, conversation.image(turn.subject).orientation)
+        return AnswerGuide(verdicts, [*analysis.evidence, *turn.extra_evidence], where)
+
     def _compose(self, turn: _Turn, question: str, analysis: Analysis) -> str:
         image = turn.conversation.image(turn.subject)
         where = where_phrases(analysis.verdict.mask, image.orientation)
@@ -925,11 +945,15 @@ class Agent:
         turn: _Turn,
         max_new_tokens: int | None = None,
     ) -> str:
+        """One reply of the model in this turn (a tool call or the answer; the guide reads only
+        answer-like text), streamed as token events."""
+
         def on_token(text: str) -> None:
             turn.emit(Event("token", text))
 
+        budget = max_new_tokens or self.max_new_tokens
         try:
-            return self.backend.generate(messages, tools, max_new_tokens or self.max_new_tokens, on_token)
+            return self.backend.generate(messages, tools, budget, on_token, guide=self._guide(turn))
         except ForensicsError as exc:  # e.g. the model is not installed: the grounded answer still comes
             log.warning("the model could not answer: %s", exc)
             return ""

@@ -379,6 +379,26 @@ def score_text(item: Evidence) -> str:
     return f"score {item.score:.2f}"
 
 
+def first_sentence(text: str, min_words: int = 6) -> str:
+    """The head of a summary: its first sentence, cut at the first clause break after `min_words`
+    words, so that an answer fits the model's budget."""
+    match = re.search(r"(?<=[.!?])\s+(?=[A-Z])", text)
+    sentence = text[: match.start()] if match else text
+    for clause in re.finditer(r" \(|; |: |, (?:but|so|because|which|within) ", sentence):
+        if len(sentence[: clause.start()].split()) >= min_words:
+            sentence = sentence[: clause.start()].rstrip(".,;:") + "."
+            break
+    if sentence.count("(") > sentence.count(")"):  # cut inside a parenthesis: end before it
+        sentence = sentence[: sentence.rfind(" (")].rstrip(".,;:") + "."
+    return sentence
+
+
+def reason_line(item: Evidence) -> str:
+    """One expert's reason in the form the assistant is trained to write, and its answer guide copies:
+    "ela (score 0.01): <the head of its summary>"."""
+    return f"{item.expert} ({score_text(item)}): {first_sentence(item.summary)}"
+
+
 def has_instruction(evidence: Sequence[Evidence]) -> bool:
     """Whether the metadata expert found text in the file that addresses an AI system."""
     return any(

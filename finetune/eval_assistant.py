@@ -4,7 +4,10 @@ never trained on): base model against fine-tuned, each run through the real Agen
     python -m finetune.eval_assistant --data runs/assistant_data/eval.jsonl --models base,shipped
 
 Per turn the model's own answer is read BEFORE the agent's correction step (the candidate that the
-agent checks; a retry or the grounded composition that may replace it is not counted). Metrics:
+agent checks; a retry or the grounded composition that may replace it is not counted). By default the
+answer is written with the agent's evidence guide (assistant/guide.py: the verdict, probability, expert
+scores and findings and the place are copied from the evidence as the model opens them); --no-guide
+measures the model writing every word. Metrics:
 
 - tool-call validity: the model's tool calls that parse and match the schema (calls written into a
   final answer, which the agent refuses, are counted apart); planned: turns whose first step was a
@@ -143,8 +146,8 @@ class RecordingBackend:
         self.support = getattr(backend, "support", None)
         self.calls: list[tuple[list, str]] = []
 
-    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None) -> str:
-        output = self.backend.generate(messages, tools, max_new_tokens, on_token)
+    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None) -> str:
+        output = self.backend.generate(messages, tools, max_new_tokens, on_token, guide)
         self.calls.append((list(messages), output))
         return output
 
@@ -202,9 +205,9 @@ def grounds(answer: Answer, image) -> tuple[list, list[str]]:
     return evidence, list(dict.fromkeys(where))
 
 
-def run_conversation(backend: Backend, spec: dict) -> list[TurnResult]:
+def run_conversation(backend: Backend, spec: dict, guided: bool = True) -> list[TurnResult]:
     recorder = RecordingBackend(backend)
-    agent = Agent(recorder, experts=spec["experts"])
+    agent = Agent(recorder, experts=spec["experts"], guided=guided)
     conversation = Conversation()
     image = load_image(spec["image"])
     results = []
@@ -324,13 +327,13 @@ def load_model(
 
 
 def evaluate(
-    specs: Sequence[dict], backend: Backend, progress: bool = True, label: str = ""
+    specs: Sequence[dict], backend: Backend, progress: bool = True, label: str = "", guided: bool = True
 ) -> list[TurnResult]:
     from tqdm import tqdm
 
     results: list[TurnResult] = []
     for spec in tqdm(specs, desc=f"evaluating {label}".strip(), unit="conv", disable=not progress):
-        results += run_conversation(backend, spec)
+        results += run_conversation(backend, spec, guided)
     return results
 
 
@@ -366,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/assistant_eval"))
     parser.add_argument("--no-embeddings", action="store_true")
+    parser.add_argument(
+        "--no-guide", action="store_true", help="the model writes every word (no evidence-guided decoding)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -378,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     all_results: dict[str, list[TurnResult]] = {}
     for name in args.models.split(","):
         backend = load_model(name, args.model)
-        all_results[name] = evaluate(specs, backend, label=name)
+        all_results[name] = evaluate(specs, backend, label=name, guided=not args.no_guide)
         del backend
         file = args.out / f"{Path(name).name}.jsonl"
         with open(file, "w", encoding="utf-8") as handle:

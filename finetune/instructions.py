@@ -41,7 +41,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
-from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction, score_text
+from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction, reason_line
 from assistant.report import where_phrases
 from assistant.tools import ANALYZE_IMAGE, FUSED_MAP, SHOW_MAP
 from experts.base import Analysis, Evidence
@@ -191,17 +191,6 @@ CAVEATS = {
 }
 
 
-def _first_sentence(text: str, min_words: int = 6) -> str:
-    """The head of a summary: its first sentence, cut at the first clause break after `min_words`
-    words, so that an answer fits the model's budget."""
-    match = re.search(r"(?<=[.!?])\s+(?=[A-Z])", text)
-    sentence = text[: match.start()] if match else text
-    for clause in re.finditer(r" \(|; |: |, (?:but|so|because|which|within) ", sentence):
-        if len(sentence[: clause.start()].split()) >= min_words:
-            return sentence[: clause.start()].rstrip(".,;:") + "."
-    return sentence
-
-
 def _why(analysis: Analysis, focus: Sequence[str], many: int) -> list[Evidence]:
     verdict = analysis.verdict
     applicable = [e for e in analysis.evidence if e.applicable and e.score is not None]
@@ -264,7 +253,7 @@ def reference_answer(
     for item in why:
         if item.expert == "metadata" and has_instruction([item]):
             continue
-        reasons.append(f"{item.expert} ({score_text(item)}): {_first_sentence(item.summary)}")
+        reasons.append(reason_line(item))
     caveat = CAVEATS[verdict.label]
     grounds = dict(require_verdict=True, numbers=[image.width, image.height])
     expert_where = [w for e in evidence for w in _expert_where(e, image)]
@@ -328,7 +317,7 @@ class TeacherBackend:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None) -> str:
+    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None) -> str:
         messages = list(messages)
         last_user = max(i for i, m in enumerate(messages) if m.role == "user")
         content = messages[last_user].content

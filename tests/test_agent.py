@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation, Event, triage_plan
 from assistant.analysis import analyze
 from assistant.backends.base import Backend, ModelInfo
-from assistant.grounding import check_answer, compose_answer, tidy_answer
+from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, tidy_answer
 from assistant.report import where_phrases
 from experts import samples
 from experts.base import Driver, Evidence, Verdict
@@ -35,9 +35,11 @@ class ScriptedBackend:
     def __init__(self, *outputs: str) -> None:
         self.outputs = list(outputs)
         self.calls: list[tuple[list, list]] = []
+        self.guides: list = []
 
-    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None) -> str:
+    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None) -> str:
         self.calls.append((list(messages), list(tools)))
+        self.guides.append(guide)
         text = self.outputs.pop(0) if self.outputs else ""
         if on_token and text:
             middle = len(text) // 2
@@ -163,6 +165,21 @@ def test_by_default_a_wrong_answer_is_replaced_by_the_grounded_one_at_once():
     assert answer.corrected and len(answer.problems) == 3
     assert answer.text.startswith("Verdict for image_1: manipulated.")
     assert len(backend.calls) == 2  # plan, answer; no retry
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_the_model_writes_with_the_evidence_guide(guided):
+    backend = ScriptedBackend(call("ela"), "It looks edited.")
+    answer = Agent(backend, guided=guided).ask(Conversation(), "Is this image fake?", [splice()])
+    plan, final = backend.guides
+    if not guided:
+        assert plan is None and final is None
+        return
+    assert plan("<tool_call>") is None  # a tool call opens no slot
+    label = LABEL_WORDS[answer.verdict.label]
+    assert final("image_1 is") == f" {label}"
+    ela = next(e for e in answer.evidence if e.expert == "ela")
+    assert final("Why: ela (").startswith(f"score {ela.score:.2f}): ")
 
 
 def test_errors_go_back_to_the_model_as_observations():

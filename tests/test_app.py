@@ -24,7 +24,7 @@ class TwoStepBackend(ScriptedBackend):
     """Each turn: a call to analyze_image, then an answer that says nothing checkable (so the grounded
     answer replaces it)."""
 
-    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None):
+    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None):
         self.outputs = [call("analyze_image", image="image_1")] if len(self.calls) % 2 == 0 else ["Done."]
         return super().generate(messages, tools, max_new_tokens, on_token)
 

@@ -452,3 +452,43 @@ def test_threads_can_be_set_by_the_environment(monkeypatch: pytest.MonkeyPatch) 
             configure_threads()
     finally:
         torch.set_num_threads(before)
+
+
+class _ForceOnce:
+    """A guide that appends `text` once, after the reply's first token, and remembers what it saw."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.seen: list[str] = []
+
+    def __call__(self, reply: str) -> str | None:
+        self.seen.append(reply)
+        return self.text if len(self.seen) == 1 else None
+
+
+def test_the_embedded_model_continues_after_text_a_guide_forces(embedded: EmbeddedBackend) -> None:
+    """Forced text is streamed like the model's own, read in one forward pass, and the model continues
+    from it exactly as it would from that text in its prompt (checked without the KV cache)."""
+    guide = _ForceOnce(" is a method that compares the")
+    pieces: list[str] = []
+    reply = embedded.generate(QUESTION, max_new_tokens=24, on_token=pieces.append, guide=guide)
+    first = guide.seen[0]
+    assert reply == "".join(pieces) and reply.startswith(first + guide.text)
+    assert len(guide.seen) > 2  # asked again after every later token
+    prompt = embedded.prompt_segments(QUESTION)[0][0].tolist()
+    encode = embedded.tokenizer
+    head = [
+        *encode(first, add_special_tokens=False)["input_ids"],
+        *encode(guide.text, add_special_tokens=False)["input_ids"],
+    ]
+    with torch.inference_mode():
+        logits = embedded.model.language_model(input_ids=torch.tensor([prompt + head])).logits
+    after = embedded.tokenizer.decode([int(logits[0, -1].argmax())])
+    assert reply[len(first + guide.text) :].startswith(after)
+
+
+def test_a_transformers_model_follows_a_guide(tiny_text_model: Path) -> None:
+    backend = load_backend(str(tiny_text_model), device="cpu")
+    guide = _ForceOnce(" forced words")
+    reply = backend.generate(QUESTION, max_new_tokens=12, guide=guide)
+    assert reply.startswith(guide.seen[0] + guide.text) and len(guide.seen) > 1

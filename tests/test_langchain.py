@@ -107,7 +107,7 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None):
+    def generate(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None):
         self.seen.append((list(messages), list(tools)))
         return self.backend.generate(messages, tools, max_new_tokens, on_token)
 

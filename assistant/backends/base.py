@@ -52,6 +52,9 @@ class ModelInfo:
 
 
 TokenCallback = Callable[[str], None]
+# Evidence-guided decoding (assistant/guide.py): given the reply so far, text to append without asking
+# the model, or None.
+Guide = Callable[[str], str | None]
 
 
 @runtime_checkable
@@ -64,10 +67,12 @@ class Backend(Protocol):
         tools: Sequence[dict[str, Any]] = (),
         max_new_tokens: int = 256,
         on_token: TokenCallback | None = None,
+        guide: Guide | None = None,
     ) -> str:
         """The model's reply to the conversation, greedy (deterministic). `tools` are JSON schemas in
         OpenAI function form; the backend renders them into the prompt with the model's chat template
-        when it supports tools, else into the system message. `on_token` receives text as it streams."""
+        when it supports tools, else into the system message. `on_token` receives text as it streams;
+        `guide`, when given, is asked after every token for text to append as if the model wrote it."""
         ...
 
     def count_tokens(self, text: str) -> int: ...

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from assistant.backends.base import Message, ModelInfo, TokenCallback
+from assistant.backends.base import Guide, Message, ModelInfo, TokenCallback
 from assistant.backends.chat import (
     StopRule,
     TemplateSupport,
@@ -322,6 +322,7 @@ class EmbeddedBackend:
         tools: Sequence[dict[str, Any]] = (),
         max_new_tokens: int = 256,
         on_token: TokenCallback | None = None,
+        guide: Guide | None = None,
     ) -> str:
         segments, images = self.prompt_segments(messages, tools)
         length = sum(len(s) for s in segments) + IMAGE_TOKENS * len(images)
@@ -337,9 +338,9 @@ class EmbeddedBackend:
             if images:
                 self._forget()
                 first = {"inputs_embeds": self.model.inputs_embeds(segments, images)}
-                self._greedy(first, [], max_new_tokens, stream, rule)
+                self._greedy(first, [], max_new_tokens, stream, rule, guide)
             else:
-                self._greedy({}, segments[0].tolist(), max_new_tokens, stream, rule)
+                self._greedy({}, segments[0].tolist(), max_new_tokens, stream, rule, guide)
         return stream.end()
 
     def _forget(self) -> None:
@@ -372,11 +373,13 @@ class EmbeddedBackend:
         max_new_tokens: int,
         stream: TextStream,
         rule: StopRule,
+        guide: Guide | None = None,
     ) -> None:
         """Greedy decoding with a KV cache, one token per step, stopping at end-of-turn or when `rule`
         says so. A plain loop rather than `generate`: the same code path for ids and embeddings, and
         nothing to configure. With `prompt` (token ids; `first` is then empty) the cache starts from
-        the longest prefix shared with the previous reply, and is kept for the next one."""
+        the longest prefix shared with the previous reply, and is kept for the next one. Text the
+        `guide` forces after a token is appended and read in the same forward pass."""
         language_model = self.model.language_model
         self.reused_tokens = 0
         if prompt:
@@ -391,22 +394,28 @@ class EmbeddedBackend:
         self._forget()  # until this reply finishes, the cache matches no token list
         output = language_model(**first, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.stop_reason = "max_new_tokens"
-        for step in range(max_new_tokens):
+        while len(stream.ids) < max_new_tokens:
             token = int(output.logits[0, -1].argmax())
             if token in self.stop_ids:
                 self.stop_reason = "end of turn"
                 break
-            stream.put([token])
-            if rule(stream.ids, stream.decoded):
+            step = [token]
+            stream.put(step)
+            stopped = rule(stream.ids, stream.decoded)
+            if not stopped and guide is not None and (forced := guide(stream.decoded)):
+                step += self.tokenizer(forced, add_special_tokens=False)["input_ids"]
+                stream.put(step[1:])
+                stopped = rule(stream.ids, stream.decoded)
+            if stopped:
                 self.stop_reason = rule.reason or ""
                 break
-            if step + 1 == max_new_tokens:
+            if len(stream.ids) >= max_new_tokens:
                 break
-            next_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            next_ids = torch.tensor([step], dtype=torch.long, device=self.device)
             output = language_model(
                 input_ids=next_ids, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1
             )
-            fed.append(token)
+            fed.extend(step)
         if prompt and self.prefix_cache:
             self._cached_ids, self._cache = fed, output.past_key_values
 

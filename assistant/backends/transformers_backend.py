@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from assistant.backends.base import Message, ModelInfo, TokenCallback
+from assistant.backends.base import Guide, Message, ModelInfo, TokenCallback
 from assistant.backends.chat import (
     StopRule,
     TemplateSupport,
@@ -66,6 +66,29 @@ class _StopCriteria(StoppingCriteria):
         ids = input_ids[0, self.prompt_length :].tolist()
         done = self.rule(ids, self.tokenizer.decode(ids, skip_special_tokens=True))
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _GuideProcessor(LogitsProcessor):
+    """A Guide as a logits processor: text the guide asks for after a token is tokenised and forced,
+    one token per step (generate has no way to read several tokens in one step)."""
+
+    def __init__(self, tokenizer: Any, guide: Guide, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.guide = guide
+        self.prompt_length = prompt_length
+        self.queue: list[int] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.queue and input_ids.shape[1] > self.prompt_length:
+            ids = input_ids[0, self.prompt_length :].tolist()
+            forced = self.guide(self.tokenizer.decode(ids, skip_special_tokens=True))
+            if forced:
+                self.queue = self.tokenizer(forced, add_special_tokens=False)["input_ids"]
+        if not self.queue:
+            return scores
+        forced_scores = torch.full_like(scores, -float("inf"))
+        forced_scores[:, self.queue.pop(0)] = 0.0
+        return forced_scores
 
 
 class TransformersBackend:
@@ -120,18 +143,22 @@ class TransformersBackend:
         tools: Sequence[dict[str, Any]] = (),
         max_new_tokens: int = 256,
         on_token: TokenCallback | None = None,
+        guide: Guide | None = None,
     ) -> str:
         inputs = self.inputs(messages, tools).to(self.model.device)
         config = copy.deepcopy(self.generation_config)
         config.max_new_tokens = max_new_tokens
         stream = TextStream(self.tokenizer, on_token)
-        stop = _StopCriteria(self.tokenizer, stop_rule(tools), inputs["input_ids"].shape[1])
+        prompt_length = inputs["input_ids"].shape[1]
+        stop = _StopCriteria(self.tokenizer, stop_rule(tools), prompt_length)
+        processors = [_GuideProcessor(self.tokenizer, guide, prompt_length)] if guide is not None else []
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
                 generation_config=config,
                 streamer=_GenerateStreamer(stream),
                 stopping_criteria=StoppingCriteriaList([stop]),
+                logits_processor=LogitsProcessorList(processors),
             )
         return stream.end()
 

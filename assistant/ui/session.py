@@ -51,9 +51,10 @@ class LockedBackend:
         tools: Sequence[dict[str, Any]] = (),
         max_new_tokens: int = 256,
         on_token: Callable[[str], None] | None = None,
+        guide: Callable[[str], str | None] | None = None,
     ) -> str:
         with self.lock:
-            return self.backend.generate(messages, tools, max_new_tokens, on_token)
+            return self.backend.generate(messages, tools, max_new_tokens, on_token, guide)
 
     def count_tokens(self, text: str) -> int:
         return self.backend.count_tokens(text)

@@ -1,0 +1,80 @@
+"""Evidence-guided decoding: the facts in an answer are copied from the evidence while the model writes.
+
+A small model plans and phrases well but misquotes what it read: "ai_generated (score 0.91)" where the
+expert said 0.96, or one expert's finding put in another's mouth. The guide watches the reply grow,
+and when the model opens a slot that only the evidence can fill, it writes the slot itself:
+
+    "image_1 is"                                    -> " manipulated"          (the fused verdict)
+    "... manipulation or AI generation is"          -> " 46%, too close to call." (the fused probability)
+    "ela (" or "ela (score"                         -> "score 0.01): <ELA's summary, first sentence>"
+    "Where:"                                        -> " the lower-left quarter." (the verdict's mask)
+
+The model still decides what the answer says: which experts it quotes and in what order, whether it
+points to a place, the caveats, the wording around the slots. The answer check runs afterwards as
+before. A backend feeds forced text in one forward pass, so copied text is also faster than generated
+text. `Agent(guided=False)` turns the guide off (finetune.eval_assistant --no-guide measures the model
+alone).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from assistant.backends.base import Guide
+from assistant.grounding import LABEL_WORDS, reason_line, score_text
+from experts.base import Evidence, Verdict
+
+# Slots end where the tokenizer's next word would begin: byte-level BPE puts a space before a word, so
+# "image_1 is" is the boundary, not "image_1 is ".
+_VERDICT_SLOT = re.compile(r"(?:^|\n)(?:The verdict for |Verdict for )?(?P<image>image_\d+)(?: is|:)$")
+_PROBABILITY_SLOT = re.compile(r"probability of manipulation or AI generation is$")
+_REASON_SLOT = re.compile(
+    r"(?:^|\n|Why: |What the experts saw: |[-*•] )(?P<name>[a-z][a-z0-9_]*) \((?P<typed>score)?$"
+)
+_WHERE_SLOT = re.compile(r"(?:^|\n)Where:$")
+_IMAGE_ID = re.compile(r"\bimage_\d+\b")
+
+
+__all__ = ["AnswerGuide", "Guide"]
+
+
+class AnswerGuide:
+    """The guide of one answer, from the fused verdict of each image in the turn (the first is the
+    subject), the evidence about the subject and the verdict's regions in words."""
+
+    def __init__(
+        self, verdicts: Mapping[str, Verdict], evidence: Sequence[Evidence] = (), where: Sequence[str] = ()
+    ) -> None:
+        if not verdicts:
+            raise ValueError("a guide needs the verdict of at least one image")
+        self.verdicts = dict(verdicts)
+        self.subject = next(iter(self.verdicts))
+        self.reasons = {item.expert: item for item in evidence}
+        self.where = list(where)
+
+    def __call__(self, text: str) -> str | None:
+        if match := _VERDICT_SLOT.search(text):
+            verdict = self.verdicts.get(match.group("image"))
+            return None if verdict is None else " " + LABEL_WORDS[verdict.label]
+        if _PROBABILITY_SLOT.search(text):
+            verdict = self._verdict_in(text)
+            close = ", too close to call" if verdict.label == "uncertain" else ""
+            return f" {verdict.probability:.0%}{close}."
+        if match := _REASON_SLOT.search(text):
+            return self._reason(match.group("name"), typed=bool(match.group("typed")))
+        if _WHERE_SLOT.search(text):
+            return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
+        return None
+
+    def _verdict_in(self, text: str) -> Verdict:
+        """The verdict of the image the sentence is about: the last one the reply names."""
+        named = [i for i in _IMAGE_ID.findall(text) if i in self.verdicts]
+        return self.verdicts[named[-1] if named else self.subject]
+
+    def _reason(self, name: str, typed: bool) -> str | None:
+        item = self.reasons.get(name)
+        if item is None or (typed and score_text(item) == "not applicable"):
+            return None  # not an expert of this turn: the model's own text, and the check reads it
+        completion = reason_line(item).removeprefix(f"{name} (")
+        return completion.removeprefix("score") if typed else completion

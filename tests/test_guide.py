@@ -1,0 +1,88 @@
+"""The answer guide (assistant/guide.py): which slots it fills, with what, and when it stays silent."""
+
+from __future__ import annotations
+
+import pytest
+
+from assistant.grounding import check_answer
+from assistant.guide import AnswerGuide
+from experts.base import Driver, Evidence, Verdict
+
+SPLICED = Verdict("manipulated", 0.8712, (Driver("ela", 0.51, 2.0, 1.2),), None, (0.35, 0.65))
+OTHER = Verdict("authentic", 0.0932, (), None, (0.35, 0.65))
+ELA = Evidence(
+    "ela", 0.512, True, "The marked region re-compresses with 3.1x the error of the rest of the image. More."
+)
+C2PA = Evidence("c2pa", None, False, "No Content Credentials in the file.")
+GUIDE = AnswerGuide({"image_1": SPLICED, "image_2": OTHER}, [ELA, C2PA], ["the upper-left quarter"])
+
+
+@pytest.mark.parametrize(
+    ("written", "forced"),
+    [
+        ("image_1 is", " manipulated"),
+        ("I can only help with image forensics.\nimage_2 is", " authentic"),
+        ("The verdict for image_1 is", " manipulated"),
+        ("image_1 is manipulated: the fused probability of manipulation or AI generation is", " 87%."),
+        ("image_2 is authentic: the fused probability of manipulation or AI generation is", " 9%."),
+        (
+            "image_1 is manipulated.\nWhy: ela (",
+            "score 0.51): The marked region re-compresses with 3.1x the error of the rest of the image.",
+        ),
+        (
+            "Why: ela (score",
+            " 0.51): The marked region re-compresses with 3.1x the error of the rest of the image.",
+        ),
+        ("image_1 is manipulated.\nWhere:", " the upper-left quarter."),
+        ("image_1 is manipulated.\nWhy: c2pa (", "not applicable): No Content Credentials in the file."),
+    ],
+)
+def test_the_guide_fills_slots_from_the_evidence(written: str, forced: str) -> None:
+    assert GUIDE(written) == forced
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "",
+        "image_1",
+        "So image_1 is",  # not the trained opening of a line
+        "image_3 is",  # not an image of this turn
+        "Why: frequency (",  # an expert this turn did not hear from: the model's words, checked later
+        "Why: c2pa (score",  # no score to give
+        "The verdict is manipulated: the fused probability of manipulation or AI generation is 87%.",
+        "Why: ela (score 0.51): The marked region",
+        "Where: the upper-left quarter.",
+    ],
+)
+def test_the_guide_stays_silent_outside_its_slots(written: str) -> None:
+    assert GUIDE(written) is None
+
+
+def test_an_uncertain_verdict_is_too_close_to_call_and_an_unmarked_one_names_no_place() -> None:
+    guide = AnswerGuide({"image_1": Verdict("uncertain", 0.46, (), None, (0.35, 0.65))})
+    assert guide("image_1 is uncertain: the fused probability of manipulation or AI generation is") == (
+        " 46%, too close to call."
+    )
+    assert guide("Where:") == " no single region stands out."
+
+
+def test_an_answer_written_through_the_guide_passes_the_check() -> None:
+    """A model that opens every slot and writes nothing else true still leaves a faithful answer."""
+    text = ""
+    for piece in [
+        "image_1 is",
+        ": the fused probability of manipulation or AI generation is",
+        "\nWhere:",
+        "\nWhy: ela (",
+        "\nCaveat: the experts show where the traces differ.",
+    ]:
+        text += piece
+        text += GUIDE(text) or ""
+    assert "manipulated" in text and "87%" in text and "score 0.51" in text
+    assert check_answer(text, SPLICED, [ELA, C2PA], ["the upper-left quarter"], require_verdict=True) == []
+
+
+def test_a_guide_needs_a_verdict() -> None:
+    with pytest.raises(ValueError):
+        AnswerGuide({})
