@@ -48,6 +48,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
+def heatmap_near(component: np.ndarray, heatmap: np.ndarray, reach: int = 7) -> np.ndarray:
+    """The coarse heatmap within `reach` pixels of one component, zero elsewhere: the mask prompt of
+    that component (the student is trained on the same, finetune/train_student.py)."""
+    size = 2 * reach + 1
+    near = cv2.dilate(component.astype(np.uint8), np.ones((size, size), np.uint8)) > 0
+    return np.where(near, heatmap, 0.0).astype(np.float32)
+
+
 def refine(
     predictor,
     pixels: np.ndarray,
@@ -79,8 +87,7 @@ def refine(
         for prompt in prompts:
             mask_input = None
             if use_mask_prompt:
-                near = cv2.dilate(prompt.component.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
-                mask_input = predictor.mask_input_from(np.where(near, heatmap, 0.0))
+                mask_input = predictor.mask_input_from(heatmap_near(prompt.component, heatmap))
             logits, scores, _ = predictor.predict(
                 point_coords=np.array([prompt.point], np.float32),
                 point_labels=np.array([1]),

@@ -72,6 +72,12 @@ class StudentConfig(RecipeConfig):
     ema: float = 0.995  # exponential moving average of the weights, evaluated and shipped; 0: off
     iou_head_steps: int = 600  # last stage: the IoU head re-initialised and fitted alone
     iou_head_lr: float = 1e-3
+    # Share of prompts made as the refinement step makes them (experts/refine.py), from the shipped
+    # manipulation localiser's real heatmap: its regions' boxes, points and heatmap, answered with the
+    # ground-truth components they touch (none, for a false alarm: an empty mask). With it, the best
+    # state is chosen by the refined localiser's pixel-F1 on val rather than by box IoU.
+    localiser_prompts: float = 0.0
+    init: str = ""  # start from trained weights: "shipped" (experts/weights/student.safetensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,10 +85,24 @@ class StudentConfig(RecipeConfig):
 
 
 @dataclass(frozen=True, eq=False)
+class LocaliserPrompt:
+    """One region of the localiser's mask prompted as the refinement step prompts it, and the target:
+    the ground-truth components the region touches (all False for a false alarm)."""
+
+    component: np.ndarray  # bool, working size: the localiser's region
+    box: tuple[float, float, float, float]
+    point: tuple[float, float]
+    heatmap: np.ndarray  # float16, working size: the localiser's heatmap near the region
+    target: np.ndarray  # bool, working size
+
+
+@dataclass(frozen=True, eq=False)
 class Example:
     features: tuple[torch.Tensor, ...]  # fp16 encoder features, batch of one
     mask: np.ndarray  # bool, working size
     boxes: tuple[tuple[float, float, float, float], ...] = field(default=())  # components, working px
+    coarse: np.ndarray | None = None  # the localiser's mask (bool, working size), with localiser prompts
+    localiser: tuple[LocaliserPrompt, ...] = ()  # its largest regions, as refinement prompts them
 
 
 def component_boxes(
@@ -111,14 +131,46 @@ def to_working(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     return image, mask
 
 
+def localiser_prompts(
+    localiser: torch.nn.Module, image: np.ndarray, truth: np.ndarray
+) -> tuple[np.ndarray, tuple[LocaliserPrompt, ...]]:
+    """The localiser's mask of a working-size image and its regions prompted as RefinedLocalisation
+    prompts them (same thresholds, number of regions and mask prompt), each with its target."""
+    from experts.manipulation import ManipulationLocaliser
+    from experts.manipulation import predict as localise
+    from experts.maps import fit_longest_side, mask_from_heatmap, resize_map
+    from experts.refine import RefinedLocalisation, heatmap_near
+    from experts.sam import prompts_from_mask
+
+    settings, refinement = ManipulationLocaliser(), RefinedLocalisation()
+    heatmap, _ = localise(localiser, fit_longest_side(np.ascontiguousarray(image), settings.working_side))
+    heatmap = np.clip(resize_map(heatmap, truth.shape), 0.0, 1.0).astype(np.float32)
+    coarse = mask_from_heatmap(heatmap, 0.5, settings.min_region_fraction)
+    _, labels = cv2.connectedComponents(truth.astype(np.uint8), connectivity=8)
+    prompts = []
+    for prompt in prompts_from_mask(coarse, 0.5, 0.002, refinement.max_regions, confidence=heatmap):
+        touched = np.unique(labels[prompt.component & truth])
+        prompts.append(
+            LocaliserPrompt(
+                prompt.component,
+                prompt.box,
+                prompt.point,
+                heatmap_near(prompt.component, heatmap).astype(np.float16),
+                np.isin(labels, touched[touched > 0]),
+            )
+        )
+    return coarse, tuple(prompts)
+
+
 def make_examples(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     encoder: torch.nn.Module,
     teacher=None,
     desc: str = "features",
+    localiser: torch.nn.Module | None = None,
 ) -> list[Example]:
     """Encode (image, mask) pairs once; with a teacher, its masks for the components' boxes replace the
-    ground truth."""
+    ground truth; with the localiser, its mask and refinement prompts are kept too."""
     examples = []
     with torch.inference_mode():
         for image, mask in tqdm(pairs, desc=desc, leave=False):
@@ -134,7 +186,8 @@ def make_examples(
             device = next(encoder.parameters()).device
             batch = normalise(np.ascontiguousarray(image)).to(device)
             features = tuple(f.half().cpu() for f in encoder(batch))
-            examples.append(Example(features, mask, tuple(boxes)))
+            coarse, prompts = localiser_prompts(localiser, image, mask) if localiser else (None, ())
+            examples.append(Example(features, mask, tuple(boxes), coarse, prompts))
     return examples
 
 
@@ -264,17 +317,44 @@ class PromptBatch:
     targets: torch.Tensor  # (n, 1, h, w) float
 
 
+def _localiser_maps(prompt: LocaliserPrompt, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt maps of a localiser prompt, built as StudentPredictor.predict builds them."""
+    box = torch.tensor([prompt.box], dtype=torch.float32)
+    points = torch.tensor([[prompt.point]], dtype=torch.float32)
+    labels = torch.ones((1, 1), dtype=torch.int64)
+    fine_size = (-(-size[1] // 4), -(-size[0] // 4))
+    heat = np.clip(prompt.heatmap.astype(np.float32), 1e-4, 1 - 1e-4)
+    heat = torch.from_numpy(cv2.resize(heat, fine_size, interpolation=cv2.INTER_AREA))[None, None]
+    return (
+        prompt_maps(size, 16, box, points, labels, heat),
+        prompt_maps(size, 4, box, points, labels, heat),
+    )
+
+
 def sample_prompts(
-    rng: np.random.Generator, example: Example, n: int, fine_shape, coarse_shape
+    rng: np.random.Generator,
+    example: Example,
+    n: int,
+    fine_shape,
+    coarse_shape,
+    localiser_share: float = 0.0,
 ) -> PromptBatch:
     """n prompts on one example: each picks a target (one component, or the whole mask) and a kind
-    (box; box and points; points; box and coarse mask; coarse mask and maybe a point)."""
+    (box; box and points; points; box and coarse mask; coarse mask and maybe a point), or, with
+    probability `localiser_share`, one of the localiser's regions as refinement prompts it."""
     mask = example.mask
     size = mask.shape
     count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     components = [labels == i for i in range(1, count) if (labels == i).sum() >= MIN_COMPONENT]
     coarse_maps, fine_maps, targets = [], [], []
     for _ in range(n):
+        if example.localiser and rng.random() < localiser_share:
+            prompt = example.localiser[int(rng.integers(len(example.localiser)))]
+            coarse_map, fine_map = _localiser_maps(prompt, size)
+            coarse_maps.append(coarse_map)
+            fine_maps.append(fine_map)
+            targets.append(torch.from_numpy(prompt.target)[None].float())
+            continue
         if components and (len(components) == 1 or rng.random() < 0.8):
             target = components[int(rng.integers(len(components)))]
         else:
@@ -365,12 +445,63 @@ def box_iou_score(
     return [float(v) for v in np.mean(scores, 0)] if scores else [float("nan")] * len(thresholds)
 
 
-def calibrate_threshold(model: StudentSegmenter, examples: Sequence[Example]) -> tuple[float, float]:
-    """Set the decoder's mask threshold to the logit with the best mean box IoU on `examples` (val);
-    returns (threshold, IoU)."""
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    from assistant.metrics import f1_score
+
+    return float(f1_score(truth, predicted))
+
+
+def refinement_score(
+    model: StudentSegmenter, examples: Sequence[Example], thresholds: Sequence[float] = (0.0,)
+) -> list[float]:
+    """Mean pixel-F1 of the localiser's mask refined as experts/refine.py refines it (each region's
+    prompt; a region is re-drawn when the student's mask overlaps it at IoU >= confirm_iou, else dropped),
+    at working size, for each logit threshold. Examples without localiser prompts score their coarse
+    mask (None: nothing)."""
+    from experts.refine import RefinedLocalisation, _iou
+
+    confirm = RefinedLocalisation().confirm_iou
+    scores = []
+    with torch.inference_mode():
+        for example in examples:
+            if example.coarse is None:
+                continue
+            if not example.localiser:
+                scores.append([_f1(example.mask, example.coarse)] * len(thresholds))
+                continue
+            device = _device(model)
+            coarse, fine = model.neck([f.to(device).float() for f in example.features])
+            size = example.mask.shape
+            maps = [_localiser_maps(p, size) for p in example.localiser]
+            coarse_prompt = F.interpolate(
+                torch.cat([m[0] for m in maps]), size=coarse.shape[-2:], mode="bilinear"
+            )
+            fine_prompt = F.interpolate(
+                torch.cat([m[1] for m in maps]), size=fine.shape[-2:], mode="bilinear"
+            )
+            logits, _ = model.decoder(coarse, fine, coarse_prompt.to(device), fine_prompt.to(device))
+            logits = (
+                F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+            )
+            row = []
+            for threshold in thresholds:
+                refined = np.zeros(size, bool)
+                for prompt, region in zip(example.localiser, logits, strict=True):
+                    if _iou(region > threshold, prompt.component) >= confirm:
+                        refined |= region > threshold
+                row.append(_f1(example.mask, refined))
+            scores.append(row)
+    return [float(v) for v in np.mean(scores, 0)] if scores else [float("nan")] * len(thresholds)
+
+
+def calibrate_threshold(
+    model: StudentSegmenter, examples: Sequence[Example], score=box_iou_score
+) -> tuple[float, float]:
+    """Set the decoder's mask threshold to the logit with the best mean `score` (box IoU, or the
+    refinement's pixel-F1) on `examples` (val); returns (threshold, score)."""
     grid = [float(v) for v in np.arange(-2.0, 2.01, 0.25)]
     model.decoder.mask_threshold.zero_()
-    scores = box_iou_score(model.eval(), examples, grid)
+    scores = score(model.eval(), examples, grid)
     best = int(np.argmax(scores))
     model.decoder.mask_threshold.fill_(grid[best])
     return grid[best], scores[best]
@@ -436,8 +567,8 @@ def train(
     val_examples: Sequence[Example],
     checkpoints: Checkpoints | None = None,
 ) -> dict:
-    """Train the neck and decoder; returns {"best_val_iou", "best_step", "state" (best trainable state),
-    "history"}."""
+    """Train the neck and decoder; returns {"best_val_score" (box IoU, or the refinement's pixel-F1 with
+    localiser prompts), "best_step", "state" (best trainable state), "history"}."""
     rng = np.random.default_rng(config.seed)
     model.encoder.eval().requires_grad_(False)
     parameters = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
@@ -451,7 +582,7 @@ def train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, learning_rate)
     best = {
-        "best_val_iou": -1.0,
+        "best_val_score": -1.0,
         "best_step": 0,
         "state": copy.deepcopy(trainable_state(model)),
         "history": [],
@@ -474,7 +605,9 @@ def train(
     for step in progress:
         example = examples[int(rng.integers(len(examples)))]
         f4, _, f16, _ = example.features
-        batch = sample_prompts(rng, example, config.prompts, f4.shape[-2:], f16.shape[-2:])
+        batch = sample_prompts(
+            rng, example, config.prompts, f4.shape[-2:], f16.shape[-2:], config.localiser_prompts
+        )
         logits, iou_logit = decode(model, example, batch)
         loss, iou = mask_loss(logits, batch.targets.to(logits.device))
         loss = loss + config.iou_loss_weight * F.mse_loss(torch.sigmoid(iou_logit), iou)
@@ -493,7 +626,7 @@ def train(
         running.append(float(iou.mean()))
         if (step + 1) % 50 == 0:
             progress.set_postfix(
-                train_iou=f"{np.mean(running[-200:]):.3f}", best_val=f"{best['best_val_iou']:.3f}"
+                train_iou=f"{np.mean(running[-200:]):.3f}", best_val=f"{best['best_val_score']:.3f}"
             )
         done = step + 1 == config.steps
         out_of_time = config.max_minutes and time.monotonic() - started > 60 * config.max_minutes
@@ -503,7 +636,9 @@ def train(
                 model.load_state_dict(ema, strict=False)
             model.neck.eval()
             model.decoder.eval()
-            score = box_iou_score(model, val_examples)[0]
+            box_iou = box_iou_score(model, val_examples)[0]
+            refined = refinement_score(model, val_examples)[0] if config.localiser_prompts else None
+            score = box_iou if refined is None else refined
             candidate = copy.deepcopy(trainable_state(model))
             model.load_state_dict(current, strict=False)
             model.neck.train()
@@ -511,13 +646,14 @@ def train(
             best["history"].append(
                 {
                     "step": step + 1,
-                    "val_box_iou": round(score, 4),
+                    "val_box_iou": round(box_iou, 4),
+                    **({} if refined is None else {"val_refined_f1": round(refined, 4)}),
                     "train_iou": round(float(np.mean(running[-500:])), 4),
                 }
             )
-            log.info("step %d: val box IoU %.4f (train %.4f)", step + 1, score, np.mean(running[-500:]))
-            if score > best["best_val_iou"]:
-                best.update(best_val_iou=score, best_step=step + 1, state=candidate)
+            log.info("step %d: %s", step + 1, best["history"][-1])
+            if score > best["best_val_score"]:
+                best.update(best_val_score=score, best_step=step + 1, state=candidate)
         if checkpoints and ((step + 1) % config.checkpoint_every == 0 or done or out_of_time):
             checkpoints.save(
                 model=trainable_state(model),
@@ -566,6 +702,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator = start(config)
     out = Path(config.out)
     model = StudentSegmenter(pretrained_encoder=True).eval().to(accelerator.device)
+    if config.init:
+        from experts.learned import load_weights
+
+        if config.init != "shipped":
+            raise ValueError(f'--init takes "shipped" (the weights in experts/weights/), not {config.init!r}')
+        model.load_state_dict({k: v.float() for k, v in load_weights("student").items()}, strict=False)
     cache_file = out / "features.pt"
     if cache_file.is_file():
         cached = torch.load(cache_file, weights_only=False)
@@ -577,16 +719,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             from experts.sam import SamTeacher
 
             teacher = SamTeacher.from_checkpoint(config.teacher, config.model_type)
-        examples = make_examples(load_pairs(config, "train"), model.encoder, teacher, "train features")
+        localiser = None
+        if config.localiser_prompts:
+            from experts.manipulation import load_localiser
+
+            localiser = load_localiser()
+        train_pairs = load_pairs(config, "train")
+        examples = make_examples(train_pairs, model.encoder, teacher, "train features", localiser)
         # Validation compares against ground truth in both modes: the student should find the edit.
-        val_examples = make_examples(load_pairs(config, "val"), model.encoder, None, "val features")
+        val_examples = make_examples(
+            load_pairs(config, "val"), model.encoder, None, "val features", localiser
+        )
         torch.save({"train": examples, "val": val_examples}, cache_file)
     result = train(config, model, examples, val_examples, Checkpoints(out))
     (out / "history.json").write_text(json.dumps(result["history"], indent=2))
-    print(f"best val box IoU {result['best_val_iou']:.4f} at step {result['best_step']}")
+    selection = "refined localiser pixel-F1" if config.localiser_prompts else "box IoU"
+    print(f"best val {selection} {result['best_val_score']:.4f} at step {result['best_step']}")
     model.load_state_dict(result["state"], strict=False)
-    threshold, calibrated_iou = calibrate_threshold(model, val_examples)
-    print(f"mask threshold {threshold:+.2f} (logit): val box IoU {calibrated_iou:.4f}")
+    score = refinement_score if config.localiser_prompts else box_iou_score
+    threshold, calibrated = calibrate_threshold(model, val_examples, score)
+    calibrated_iou = box_iou_score(model, val_examples)[0]
+    refined = {}
+    if config.localiser_prompts:
+        coarse = np.mean([_f1(e.mask, e.coarse) for e in val_examples if e.coarse is not None])
+        refined = {
+            "val localiser pixel-F1 (working size)": round(float(coarse), 4),
+            "val refined pixel-F1 at that threshold (working size)": round(calibrated, 4),
+        }
+    print(f"mask threshold {threshold:+.2f} (logit): val box IoU {calibrated_iou:.4f} {refined}")
     head_scores = fit_iou_head(config, model, examples, val_examples) if config.iou_head_steps else {}
     print(f"IoU head: {head_scores}")
     if config.ship:
@@ -616,9 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=config,
             scores={
                 "mode": "teacher" if config.teacher else "ground_truth",
-                "val_box_iou (CASIA v1 val, ground-truth boxes)": round(result["best_val_iou"], 4),
-                "mask_threshold (logit, chosen on val)": threshold,
-                "val_box_iou at that threshold": round(calibrated_iou, 4),
+                f"best val {selection} (CASIA v1 val)": round(result["best_val_score"], 4),
+                f"mask_threshold (logit, chosen on val by {selection})": threshold,
+                "val_box_iou at that threshold (ground-truth boxes)": round(calibrated_iou, 4),
+                **refined,
                 **head_scores,
                 "best_step": result["best_step"],
             },

@@ -15,6 +15,7 @@ from PIL import Image
 from assistant.cli import main
 from experts.base import ModelNotAvailableError
 from experts.learned import available
+from experts.manipulation import load_localiser
 from experts.refine import refine
 from experts.sam import SamTeacher, load_sam, prompts_from_mask, tiny_sam
 from experts.samples import splice
@@ -211,3 +212,45 @@ def test_refinement_of_a_coarse_mask_keeps_or_improves_iou():
     result = refine(student_predictor(), pixels, coarse, heatmap)
     assert result.components and result.components[0]["confirmed"]
     assert iou(result.mask, sample.mask) >= iou(coarse, sample.mask)
+
+
+@pytest.mark.skipif(not available("manipulation"), reason="the manipulation localiser is not trained yet")
+def test_localiser_prompts_are_made_as_refinement_makes_them(random_student):
+    """With the real localiser on the built-in splice: each of its regions becomes a box + point +
+    heatmap prompt whose target is the ground-truth components it touches (nothing for a false alarm),
+    and a short run trained on them is chosen by the refined pixel-F1 on val."""
+    from experts.image import load_image
+    from finetune.train_student import refinement_score, sample_prompts
+
+    sample = splice()
+    pixels = load_image(sample.data).pixels
+    (found,) = make_examples([(pixels, sample.mask)], random_student.encoder, localiser=load_localiser())
+    assert found.coarse is not None and found.coarse.any() and found.localiser
+    # A "truth" far from every region the localiser marks: its regions become false alarms.
+    far = cv2.dilate(found.coarse.astype(np.uint8), np.ones((61, 61), np.uint8)) == 0
+    far = cv2.resize(far.astype(np.uint8), sample.mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    wrong = np.zeros_like(far)
+    ys, xs = np.nonzero(far)
+    wrong[ys[0] : ys[0] + 20, xs[0] : xs[0] + 20] = True
+    wrong &= far
+    (missed,) = make_examples([(pixels, wrong)], random_student.encoder, localiser=load_localiser())
+    assert len(found.localiser) <= 2  # RefinedLocalisation's max_regions
+    first = found.localiser[0]
+    near = cv2.dilate(first.component.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
+    assert (first.target & first.component).any() and (first.target <= found.mask).all()
+    assert first.heatmap.dtype == np.float16 and not first.heatmap[~near].any()
+    assert missed.localiser and all(not p.target.any() for p in missed.localiser)  # false alarms
+    f4, _, f16, _ = found.features
+    batch = sample_prompts(np.random.default_rng(0), found, 3, f4.shape[-2:], f16.shape[-2:], 1.0)
+    assert all(
+        any(torch.equal(t[0].bool(), torch.from_numpy(p.target)) for p in found.localiser)
+        for t in batch.targets
+    )
+    assert 0.0 <= refinement_score(random_student, [found])[0] <= 1.0
+    student = StudentSegmenter(pretrained_encoder=False)
+    student.load_state_dict(random_student.state_dict())
+    config = StudentConfig(
+        steps=2, prompts=2, warmup=1, val_every=2, localiser_prompts=0.5, ship=False, resume=False
+    )
+    result = train(config, student, [found, missed], [found])
+    assert "val_refined_f1" in result["history"][-1] and result["best_step"] == 2
