@@ -684,11 +684,10 @@ box, positive/negative points, a coarse mask.
 - **Trained from: {mode}.**
 - Data: {data}
 - Prompts: component boxes of the target (jittered by 0-10% of their size), 1-3 positive and 0-2
-  negative points, degraded copies of the target as coarse-mask prompts.
-- Validation: mean IoU of box prompts (ground-truth component boxes) on CASIA v1 `val` tampered images,
-  measured every {val_every} steps (on the moving average of the weights when `ema` > 0); the best
-  state (step {best_step}) ships, with the mask threshold (a logit) that maximises the same IoU on
-  `val`. `test` was never read.
+  negative points, degraded copies of the target as coarse-mask prompts.{localiser}
+- Validation: {selection} on CASIA v1 `val` tampered images, measured every {val_every} steps (on the
+  moving average of the weights when `ema` > 0); the best state (step {best_step}) ships, with the
+  mask threshold (a logit) that maximises the same measure on `val`. `test` was never read.
 - Score (SAM's `iou_predictions`): the IoU head, re-initialised and fitted alone for {iou_head_steps}
   steps after that, on the IoU of the thresholded masks of sampled prompts (scores below).
 - Benchmark: `.venv/bin/python -m benchmarks.segment` (CASIA v1 `test`).
@@ -760,10 +759,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"including flipped re-compressed copies and {config.synthetic} forgeries synthesised from "
             "CASIA v1 `train` authentic photos by finetune/synth.py)."
         )
+        localiser = (
+            f" And, for {config.localiser_prompts:.0%} of the prompts, the shipped manipulation "
+            "localiser's own regions prompted as the refinement step prompts them (box, most confident "
+            "point, its heatmap near the region), answered with the ground-truth components they touch "
+            "(an empty mask for a false alarm)."
+            if config.localiser_prompts
+            else ""
+        )
+        measure = (
+            "the pixel-F1 of the localiser's regions refined by the student (as experts/refine.py does it)"
+            if config.localiser_prompts
+            else "mean IoU of box prompts (ground-truth component boxes)"
+        )
+        if config.init:
+            data += " Fine-tuned from the previously shipped student."
         card = MODEL_CARD.format(
             params=parameter_count(model),
             mode=mode,
             data=data,
+            localiser=localiser,
+            selection=measure,
             val_every=config.val_every,
             best_step=result["best_step"],
             iou_head_steps=config.iou_head_steps,
