@@ -15,8 +15,8 @@ The check reads the answer the way a careful reader would, with simple rules rat
   phrases), within one unit of its last digit;
 - places: region words (upper-left, top, centre, ...) must overlap the places that the verdict's or the
   evidence's where phrases or summaries name.
-Evidence summaries, where phrases and metadata quotes copied verbatim into an answer are grounded by
-definition and are not re-read.
+Evidence summaries (or their first sentences, as reason_line quotes them), where phrases and metadata
+quotes copied verbatim into an answer are grounded by definition and are not re-read.
 """
 
 from __future__ import annotations
@@ -488,7 +488,8 @@ def check_answer(
     passages = _evidence_passages(evidence)
     evidence_text = " ".join(passages)
     quotes = [q for q in _QUOTED.findall(text) if q in evidence_text or q in " ".join(where)]
-    grounded_text = _exempt(text, [*passages, *where, *quotes])
+    heads = [first_sentence(p) for p in passages]  # a summary's head, as reason_line quotes it
+    grounded_text = _exempt(text, [*passages, *heads, *where, *quotes])
     problems: list[str] = []
 
     # Labels

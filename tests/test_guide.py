@@ -86,3 +86,24 @@ def test_an_answer_written_through_the_guide_passes_the_check() -> None:
 def test_a_guide_needs_a_verdict() -> None:
     with pytest.raises(ValueError):
         AnswerGuide({})
+
+
+def test_a_quoted_finding_is_not_read_as_a_claim_about_the_verdict() -> None:
+    """ "manipulation (score 0.82): ... rates an edit 82% likely ..." beside an authentic verdict is the
+    expert speaking, not the answer calling the image edited with 82%."""
+    authentic = Verdict("authentic", 0.31, (), None, (0.35, 0.65))
+    manipulation = Evidence(
+        "manipulation",
+        0.82,
+        True,
+        "A network trained on edited photos rates an edit 82% likely but cannot pin it to one region: weak "
+        "evidence on its own.",
+    )
+    guide = AnswerGuide({"image_1": authentic}, [manipulation])
+    text = "image_1 is"
+    for piece in [": the fused probability of manipulation or AI generation is", "\nWhy: manipulation ("]:
+        text += (guide(text) or "") + piece
+    text += guide(text) or ""
+    assert "82% likely but cannot pin it to one region." in text
+    assert check_answer(text, authentic, [manipulation], [], require_verdict=True) == []
+    assert check_answer("image_1 is authentic, though it was edited (82%).", authentic, [manipulation], [])
