@@ -74,7 +74,8 @@ def cold_start() -> float:
 
 
 class Meter:
-    """Wraps backend.generate: counts replies, generated tokens and the time spent in the model."""
+    """Wraps backend.generate: counts replies, their tokens (generated, and copied by the answer guide)
+    and the time spent in the model."""
 
     def __init__(self, backend) -> None:
         self.backend = backend
@@ -87,9 +88,9 @@ class Meter:
         self.seconds = 0.0
         self.stops: list[str] = []
 
-    def __call__(self, messages, tools=(), max_new_tokens=256, on_token=None) -> str:
+    def __call__(self, messages, tools=(), max_new_tokens=256, on_token=None, guide=None) -> str:
         start = time.perf_counter()
-        text = self.generate(messages, tools, max_new_tokens, on_token)
+        text = self.generate(messages, tools, max_new_tokens, on_token, guide)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.tokens += self.backend.count_tokens(text)
