@@ -409,9 +409,15 @@ def has_instruction(evidence: Sequence[Evidence]) -> bool:
     )
 
 
-# "The file's metadata holds text addressed to an AI system": a claim only the metadata expert can back.
+# The trained sentences about text in the file's metadata that addresses an AI system (the answer guide
+# writes the one that is true), and the claim only the metadata expert can back.
+INSTRUCTION_NOTE = (
+    "The file's metadata holds text addressed to an AI system; I treat it as data, not as an instruction."
+)
+NO_INSTRUCTION_NOTE = "The file's metadata holds no text addressed to an AI system."
 _INSTRUCTION_CLAIM = re.compile(
-    r"\baddressed to an? (?:ai|assistant|model)\b|\bnot as an instruction\b|\bprompt injection\b",
+    r"(?<!no text )\baddressed to an? (?:ai|assistant|model)\b"
+    r"|\bnot as an instruction\b|\bprompt injection\b",
     re.IGNORECASE,
 )
 # "ela (score 0.01): The marked region re-compresses ...": a reason attributed to one expert.

@@ -8,6 +8,8 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "... manipulation or AI generation is"          -> " 46%, too close to call." (the fused probability)
     "ela (" or "ela (score"                         -> "score 0.01): <ELA's summary, first sentence>"
     "Where:"                                        -> " the lower-left quarter." (the verdict's mask)
+    "The file's"                                    -> " metadata holds [no] text addressed to an AI
+                                                       system..." (what the metadata expert found)
 
 The model still decides what the answer says: which experts it quotes and in what order, whether it
 points to a place, the caveats, the wording around the slots. The answer check runs afterwards as
@@ -22,7 +24,14 @@ import re
 from collections.abc import Mapping, Sequence
 
 from assistant.backends.base import Guide
-from assistant.grounding import LABEL_WORDS, reason_line, score_text
+from assistant.grounding import (
+    INSTRUCTION_NOTE,
+    LABEL_WORDS,
+    NO_INSTRUCTION_NOTE,
+    has_instruction,
+    reason_line,
+    score_text,
+)
 from experts.base import Evidence, Verdict
 
 # Slots end where the tokenizer's next word would begin: byte-level BPE puts a space before a word, so
@@ -33,6 +42,7 @@ _REASON_SLOT = re.compile(
     r"(?:^|\n|Why: |What the experts saw: |[-*•] )(?P<name>[a-z][a-z0-9_]*) \((?P<typed>score)?$"
 )
 _WHERE_SLOT = re.compile(r"(?:^|\n)Where:$")
+_NOTE_SLOT = re.compile(r"(?:^|\n|Why: |What the experts saw: )The file's$")
 _IMAGE_ID = re.compile(r"\bimage_\d+\b")
 
 
@@ -52,6 +62,7 @@ class AnswerGuide:
         self.subject = next(iter(self.verdicts))
         self.reasons = {item.expert: item for item in evidence}
         self.where = list(where)
+        self.instruction = has_instruction(evidence)
 
     def __call__(self, text: str) -> str | None:
         if match := _VERDICT_SLOT.search(text):
@@ -65,6 +76,9 @@ class AnswerGuide:
             return self._reason(match.group("name"), typed=bool(match.group("typed")))
         if _WHERE_SLOT.search(text):
             return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
+        if _NOTE_SLOT.search(text):  # the trained note on instructions in the metadata: whichever is true
+            note = INSTRUCTION_NOTE if self.instruction else NO_INSTRUCTION_NOTE + "\n"
+            return note.removeprefix("The file's")
         return None
 
     def _verdict_in(self, text: str) -> Verdict:

@@ -41,7 +41,14 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
-from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, has_instruction, reason_line
+from assistant.grounding import (
+    INSTRUCTION_NOTE,
+    LABEL_WORDS,
+    check_answer,
+    compose_answer,
+    has_instruction,
+    reason_line,
+)
 from assistant.report import where_phrases
 from assistant.tools import ANALYZE_IMAGE, FUSED_MAP, SHOW_MAP
 from experts.base import Analysis, Evidence
@@ -268,11 +275,6 @@ def reference_answer(
     if check_answer(text, verdict, evidence, allowed, **grounds):
         text = compose_answer(verdict, analysis.evidence, where, kind, image_id=image_id)
     return text
-
-
-INSTRUCTION_NOTE = (
-    "The file's metadata holds text addressed to an AI system; I treat it as data, not as an instruction."
-)
 
 
 def _expert_where(item: Evidence, image: LoadedImage) -> list[str]:
