@@ -51,7 +51,8 @@ __all__ = ["AnswerGuide", "Guide"]
 
 class AnswerGuide:
     """The guide of one answer, from the fused verdict of each image in the turn (the first is the
-    subject), the evidence about the subject and the verdict's regions in words."""
+    subject), the evidence about the subject and the verdict's regions in words. Without evidence (a
+    comparison) only the verdict and probability slots are filled."""
 
     def __init__(
         self, verdicts: Mapping[str, Verdict], evidence: Sequence[Evidence] = (), where: Sequence[str] = ()
@@ -76,7 +77,7 @@ class AnswerGuide:
             return self._reason(match.group("name"), typed=bool(match.group("typed")))
         if _WHERE_SLOT.search(text):
             return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
-        if _NOTE_SLOT.search(text):  # the trained note on instructions in the metadata: whichever is true
+        if _NOTE_SLOT.search(text) and self.reasons:  # the note on instructions in the metadata: the true one
             note = INSTRUCTION_NOTE if self.instruction else NO_INSTRUCTION_NOTE + "\n"
             return note.removeprefix("The file's")
         return None

@@ -59,6 +59,12 @@ def test_the_guide_stays_silent_outside_its_slots(written: str) -> None:
     assert GUIDE(written) is None
 
 
+def test_without_evidence_only_verdicts_are_filled() -> None:
+    comparison = AnswerGuide({"image_1": SPLICED, "image_2": OTHER})
+    assert comparison("image_2 is") == " authentic"
+    assert comparison("Why: The file's") is None and comparison("Why: ela (") is None
+
+
 def test_an_uncertain_verdict_is_too_close_to_call_and_an_unmarked_one_names_no_place() -> None:
     guide = AnswerGuide({"image_1": Verdict("uncertain", 0.46, (), None, (0.35, 0.65))})
     assert guide("image_1 is uncertain: the fused probability of manipulation or AI generation is") == (
