@@ -216,6 +216,15 @@ def prompt_maps(
     return torch.stack([inside, rel_x, rel_y, positive, negative, mask_map, has_box, has_mask], 1)
 
 
+def mask_prompt(probability: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A mask prompt (probabilities over the whole image, any resolution) as prompt_maps takes it for a
+    working image of `size`: area-shrunk once to the finest prompt map, so a full-size mask does not
+    alias. StudentPredictor.predict and the student's training (finetune/train_student.py) share it."""
+    fine_size = (-(-size[1] // 4), -(-size[0] // 4))
+    probability = cv2.resize(probability.astype(np.float32), fine_size, interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(probability)[None, None]
+
+
 def working_size(height: int, width: int, side: int = WORKING_SIDE) -> tuple[int, int]:
     """(h, w) of the working copy: the longest side shrunk to `side`, never enlarged."""
     scale = min(1.0, side / max(height, width))
@@ -306,11 +315,7 @@ class StudentPredictor:
         size = self.input_size
         if mask_input is not None:
             logits = np.asarray(mask_input, np.float32)
-            probability = 1.0 / (1.0 + np.exp(-logits.reshape(logits.shape[-2:])))
-            # Area-shrink to the finest prompt map once here, so a full-size mask does not alias.
-            fine_size = (-(-size[1] // 4), -(-size[0] // 4))
-            probability = cv2.resize(probability, fine_size, interpolation=cv2.INTER_AREA)
-            mask_t = torch.from_numpy(probability)[None, None]
+            mask_t = mask_prompt(1.0 / (1.0 + np.exp(-logits.reshape(logits.shape[-2:]))), size)
         with torch.inference_mode():
             coarse_prompt = prompt_maps(size, 16, box_t, points_t, labels_t, mask_t)
             fine_prompt = prompt_maps(size, 4, box_t, points_t, labels_t, mask_t)

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: N812
 from tqdm import tqdm
 
 from experts.backbone import normalise
-from experts.student import StudentSegmenter, parameter_count, prompt_maps, working_size
+from experts.student import StudentSegmenter, mask_prompt, parameter_count, prompt_maps, working_size
 from finetune.recipe import Checkpoints, RecipeConfig, parse_config, ship_weights, start
 
 log = logging.getLogger(__name__)
@@ -322,9 +322,8 @@ def _localiser_maps(prompt: LocaliserPrompt, size: tuple[int, int]) -> tuple[tor
     box = torch.tensor([prompt.box], dtype=torch.float32)
     points = torch.tensor([[prompt.point]], dtype=torch.float32)
     labels = torch.ones((1, 1), dtype=torch.int64)
-    fine_size = (-(-size[1] // 4), -(-size[0] // 4))
-    heat = np.clip(prompt.heatmap.astype(np.float32), 1e-4, 1 - 1e-4)
-    heat = torch.from_numpy(cv2.resize(heat, fine_size, interpolation=cv2.INTER_AREA))[None, None]
+    # As StudentPredictor.mask_input_from and predict turn the heatmap into a mask prompt.
+    heat = mask_prompt(np.clip(prompt.heatmap.astype(np.float32), 1e-4, 1 - 1e-4), size)
     return (
         prompt_maps(size, 16, box, points, labels, heat),
         prompt_maps(size, 4, box, points, labels, heat),
