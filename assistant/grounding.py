@@ -409,6 +409,20 @@ def has_instruction(evidence: Sequence[Evidence]) -> bool:
     )
 
 
+# The closing caveat of each verdict: what the evidence cannot show (the composed answer ends with it,
+# the training references too, and the answer guide writes it when the model opens a caveat).
+CAVEATS = {
+    "authentic": "A clean result is not proof, since some edits leave no trace and resizing or "
+    "re-compression can erase the traces the experts look for.",
+    "manipulated": "Caveat: the experts show where the traces differ, not who changed what or why, and "
+    "some traces also come from harmless processing.",
+    "ai_generated": "Caveat: signs of AI generation can be stripped or added by anyone, and resizing or "
+    "re-compression can leave similar traces.",
+    "uncertain": "The evidence is weak either way, so treat this result as uncertain; some edits leave no "
+    "trace, and resizing or re-compression can erase the traces the experts look for.",
+}
+
+
 # The trained sentences about text in the file's metadata that addresses an AI system (the answer guide
 # writes the one that is true), and the claim only the metadata expert can back.
 INSTRUCTION_NOTE = (
@@ -751,15 +765,10 @@ def compose_answer(
 
     named = experts_named(question, by_name)
     many = 4 if re.search(r"\bwhy\b|\bexplain\b|\bhow come\b|\bdetail", question, re.IGNORECASE) else 3
+    ranked = ranked_reasons(verdict, applicable)
     if verdict.label == "authentic":
-        ranked = sorted(applicable, key=lambda e: -_weight(verdict, e.expert))
         heading = "Why: no expert found strong evidence of editing or generation:"
     else:
-        contribution = {d.expert: d.contribution for d in verdict.drivers}
-        ranked = sorted(
-            (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.1),
-            key=lambda e: -contribution.get(e.expert, 0.0),
-        )
         heading = "Why:" if verdict.label != "uncertain" else "What the experts saw:"
     chosen = [by_name[n] for n in named] + [e for e in ranked if e.expert not in named]
     chosen = chosen[: max(many, len(named))]
@@ -767,21 +776,30 @@ def compose_answer(
         lines.append(heading)
         lines.extend(_bullet(item) for item in chosen)
 
-    caveats = {
-        "authentic": "A clean result is not proof: classical experts cannot detect every kind of edit, and "
-        "resizing or re-compression can erase the traces they look for.",
-        "manipulated": "Caveat: the experts show where the traces differ, not who changed what or why; "
-        "some traces also come from harmless processing.",
-        "ai_generated": "Caveat: signs of AI generation such as metadata signatures or spectral peaks can be "
-        "stripped or added by anyone, and resizing can leave similar peaks.",
-        "uncertain": "Treat this result as uncertain: classical experts cannot detect every kind of edit, "
-        "and resizing or re-compression can erase the traces they look for.",
-    }
-    lines.append(caveats[verdict.label])
+    lines.append(CAVEATS[verdict.label])
     lines.extend(notes)
     return "\n".join(lines)
 
 
-def _weight(verdict: Verdict, expert: str) -> float:
-    """How strongly an expert spoke for authenticity (the defence ranks first in a clean verdict)."""
-    return -next((d.contribution for d in verdict.drivers if d.expert == expert), 0.0)
+def ranked_reasons(verdict: Verdict, evidence: Sequence[Evidence]) -> list[Evidence]:
+    """The applicable experts in the order an answer should cite them: for a clean verdict the defence
+    first (most negative contribution to the fused log-odds), otherwise the experts that pushed towards
+    the label (contribution >= 0.1), strongest first."""
+    contribution = {d.expert: d.contribution for d in verdict.drivers}
+    applicable = [e for e in evidence if e.applicable and e.score is not None]
+    if verdict.label == "authentic":
+        return sorted(applicable, key=lambda e: contribution.get(e.expert, 0.0))
+    return sorted(
+        (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.1),
+        key=lambda e: -contribution.get(e.expert, 0.0),
+    )
+
+
+def leading_reason(verdict: Verdict, evidence: Sequence[Evidence]) -> Evidence | None:
+    """The expert that most supports the verdict (None when none does: a clean verdict without an
+    expert that spoke for authenticity)."""
+    ranked = ranked_reasons(verdict, evidence)
+    contribution = {d.expert: d.contribution for d in verdict.drivers}
+    if not ranked or (verdict.label == "authentic" and contribution.get(ranked[0].expert, 0.0) >= 0.0):
+        return None
+    return ranked[0]

@@ -10,12 +10,16 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "Where:"                                        -> " the lower-left quarter." (the verdict's mask)
     "The file's"                                    -> " metadata holds [no] text addressed to an AI
                                                        system..." (what the metadata expert found)
+    "Why:"                                          -> " ela (score 0.98): ..." (the expert that most
+                                                       supports the verdict, as the fusion weighed it)
+    a line opened with "A", "Caveat" or
+    "The evidence" after the first line             -> the caveat that belongs to the verdict's label
 
-The model still decides what the answer says: which experts it quotes and in what order, whether it
-points to a place, the caveats, the wording around the slots. The answer check runs afterwards as
-before. A backend feeds forced text in one forward pass, so copied text is also faster than generated
-text. `Agent(guided=False)` turns the guide off (finetune.eval_assistant --no-guide measures the model
-alone).
+The model still decides what the answer says: which further experts it quotes and in what order,
+whether it points to a place, whether it adds a caveat, the wording around the slots. The answer
+check runs afterwards as before. A backend feeds forced text in one forward pass, so copied text is
+also faster than generated text. `Agent(guided=False)` turns the guide off (finetune.eval_assistant
+--no-guide measures the model alone).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from collections.abc import Mapping, Sequence
 
 from assistant.backends.base import Guide
 from assistant.grounding import (
+    CAVEATS,
     INSTRUCTION_NOTE,
     LABEL_WORDS,
     NO_INSTRUCTION_NOTE,
     has_instruction,
+    leading_reason,
     reason_line,
     score_text,
 )
@@ -43,6 +49,15 @@ _REASON_SLOT = re.compile(
 )
 _WHERE_SLOT = re.compile(r"(?:^|\n)Where:$")
 _NOTE_SLOT = re.compile(r"(?:^|\n|Why: |What the experts saw: )The file's$")
+_WHY_SLOT = re.compile(r"(?:^|\n)(?:Why|What the experts saw):$")
+# How a line that opens one of the trained caveats goes on to the caveat of the verdict's label.
+_CAVEAT_SLOT = re.compile(r"\n(?P<opening>A|Caveat:?|The evidence)$")
+_CAVEAT_LINKS = {
+    "A": " word of caution: ",
+    "Caveat": ": ",
+    "Caveat:": " ",
+    "The evidence": " is not the whole story: ",
+}
 _IMAGE_ID = re.compile(r"\bimage_\d+\b")
 
 
@@ -77,6 +92,11 @@ class AnswerGuide:
             return self._reason(match.group("name"), typed=bool(match.group("typed")))
         if _WHERE_SLOT.search(text):
             return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
+        if _WHY_SLOT.search(text) and self.reasons:
+            first = leading_reason(self._verdict_in(text), list(self.reasons.values()))
+            return None if first is None else " " + reason_line(first)
+        if (match := _CAVEAT_SLOT.search(text)) and self.reasons:
+            return _caveat(match.group("opening"), self._verdict_in(text).label)
         if _NOTE_SLOT.search(text) and self.reasons:  # the note on instructions in the metadata: the true one
             note = INSTRUCTION_NOTE if self.instruction else NO_INSTRUCTION_NOTE + "\n"
             return note.removeprefix("The file's")
@@ -93,3 +113,13 @@ class AnswerGuide:
             return None  # not an expert of this turn: the model's own text, and the check reads it
         completion = reason_line(item).removeprefix(f"{name} (")
         return completion.removeprefix("score") if typed else completion
+
+
+def _caveat(opening: str, label: str) -> str:
+    """The rest of a caveat line the model opened with `opening`: the label's caveat itself when it
+    starts that way, else the opening linked to it ("A word of caution: the experts show ...")."""
+    caveat = CAVEATS[label]
+    if caveat.startswith(opening):
+        return caveat.removeprefix(opening)
+    body = caveat.removeprefix("Caveat: ")
+    return _CAVEAT_LINKS[opening] + body[0].lower() + body[1:]

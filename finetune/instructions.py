@@ -42,6 +42,7 @@ from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
 from assistant.grounding import (
+    CAVEATS,
     INSTRUCTION_NOTE,
     LABEL_WORDS,
     check_answer,
@@ -187,15 +188,6 @@ def reference_plan(kind: str, image: LoadedImage, experts: Sequence[str]) -> lis
     else:  # verdict, off-topic with an image, why
         plan = calls(ANALYZE_IMAGE)
     return plan or calls(ANALYZE_IMAGE)
-
-
-CAVEATS = {
-    "authentic": "A clean result is not proof: some edits leave no trace, and re-compression erases others.",
-    "manipulated": "Caveat: the experts show where the traces differ, not who changed what or why.",
-    "ai_generated": "Caveat: signs of AI generation can be stripped or added, and resizing leaves similar "
-    "traces.",
-    "uncertain": "The evidence is weak, so I cannot tell either way.",
-}
 
 
 def _why(analysis: Analysis, focus: Sequence[str], many: int) -> list[Evidence]:

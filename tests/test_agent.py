@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from assistant.agent import Agent, Conversation, Event, triage_plan
 from assistant.analysis import analyze
 from assistant.backends.base import Backend, ModelInfo
-from assistant.grounding import LABEL_WORDS, check_answer, compose_answer, tidy_answer
+from assistant.grounding import CAVEATS, LABEL_WORDS, check_answer, compose_answer, tidy_answer
 from assistant.report import where_phrases
 from experts import samples
 from experts.base import Driver, Evidence, Verdict
@@ -664,7 +664,7 @@ def test_composed_answers_pass_the_check(label, question):
     text = compose_answer(verdict, [NOISE], [], question)
     assert check_answer(text, verdict, [NOISE], [], require_verdict=True) == []
     assert NOISE.summary in text
-    assert {"uncertain": "Treat this result as uncertain"}.get(label, "") in text
+    assert CAVEATS[label] in text
 
 
 def test_composed_answers_for_the_samples_pass_the_check():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from assistant.grounding import check_answer
+from assistant.grounding import CAVEATS, check_answer
 from assistant.guide import AnswerGuide
 from experts.base import Driver, Evidence, Verdict
 
@@ -35,6 +35,20 @@ GUIDE = AnswerGuide({"image_1": SPLICED, "image_2": OTHER}, [ELA, C2PA], ["the u
         ),
         ("image_1 is manipulated.\nWhere:", " the upper-left quarter."),
         ("image_1 is manipulated.\nWhy: c2pa (", "not applicable): No Content Credentials in the file."),
+        (
+            "image_1 is manipulated.\nWhy:",
+            " ela (score 0.51): The marked region re-compresses with 3.1x the error of the rest of the "
+            "image.",
+        ),
+        ("image_1 is manipulated.\nCaveat", CAVEATS["manipulated"].removeprefix("Caveat")),
+        ("image_1 is manipulated.\nCaveat:", CAVEATS["manipulated"].removeprefix("Caveat:")),
+        (
+            "image_1 is manipulated.\nA",
+            " word of caution: the experts show where the traces differ"
+            + CAVEATS["manipulated"].split("differ", 1)[1],
+        ),
+        ("image_2 is authentic.\nA", CAVEATS["authentic"].removeprefix("A")),
+        ("image_2 is authentic.\nThe evidence", " is not the whole story: a" + CAVEATS["authentic"][1:]),
     ],
 )
 def test_the_guide_fills_slots_from_the_evidence(written: str, forced: str) -> None:
@@ -53,6 +67,8 @@ def test_the_guide_fills_slots_from_the_evidence(written: str, forced: str) -> N
         "The verdict is manipulated: the fused probability of manipulation or AI generation is 87%.",
         "Why: ela (score 0.51): The marked region",
         "Where: the upper-left quarter.",
+        "A",  # a caveat closes an answer; the first line is the model's
+        "image_1 is manipulated.\nAn",
     ],
 )
 def test_the_guide_stays_silent_outside_its_slots(written: str) -> None:
@@ -63,6 +79,21 @@ def test_without_evidence_only_verdicts_are_filled() -> None:
     comparison = AnswerGuide({"image_1": SPLICED, "image_2": OTHER})
     assert comparison("image_2 is") == " authentic"
     assert comparison("Why: The file's") is None and comparison("Why: ela (") is None
+    assert comparison("image_1 is manipulated.\nWhy:") is None
+    assert comparison("image_1 is manipulated.\nCaveat") is None
+
+
+def test_the_first_reason_is_the_expert_that_most_supports_the_verdict() -> None:
+    """For an edit, the strongest prosecution; for a clean verdict, the strongest defence; none when no
+    expert spoke for the label (the model then chooses)."""
+    noise = Evidence("noise", 0.02, True, "The noise is consistent across the image.")
+    drivers = (Driver("ela", 0.51, 2.0, 1.2), Driver("noise", 0.02, 0.0, -0.8))
+    edited = AnswerGuide({"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, [noise, ELA])
+    clean = AnswerGuide({"image_1": Verdict("authentic", 0.2, drivers, None, (0.35, 0.65))}, [noise, ELA])
+    no_defence = Verdict("authentic", 0.2, drivers[:1], None, (0.35, 0.65))
+    assert edited("Why:").startswith(" ela (score 0.51): ")
+    assert clean("Why:") == " noise (score 0.02): The noise is consistent across the image."
+    assert AnswerGuide({"image_1": no_defence}, [noise, ELA])("Why:") is None
 
 
 def test_an_uncertain_verdict_is_too_close_to_call_and_an_unmarked_one_names_no_place() -> None:
