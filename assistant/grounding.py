@@ -775,6 +775,11 @@ def compose_answer(
     if chosen:
         lines.append(heading)
         lines.extend(_bullet(item) for item in chosen)
+    if verdict.label == "authentic":  # the prosecution is heard too, when it found something
+        against = [e for e in applicable if e.score >= 0.5 and e not in chosen]
+        if against:
+            lines.append("Signs the other way, outweighed by the rest:")
+            lines.extend(_bullet(item) for item in against[:2])
 
     lines.append(CAVEATS[verdict.label])
     lines.extend(notes)
@@ -782,13 +787,15 @@ def compose_answer(
 
 
 def ranked_reasons(verdict: Verdict, evidence: Sequence[Evidence]) -> list[Evidence]:
-    """The applicable experts in the order an answer should cite them: for a clean verdict the defence
-    first (most negative contribution to the fused log-odds), otherwise the experts that pushed towards
-    the label (contribution >= 0.1), strongest first."""
+    """The applicable experts in the order an answer should cite them: for a clean verdict those that
+    found nothing (score under 0.5), the defence first (most negative contribution to the fused
+    log-odds); otherwise the experts that pushed towards the label (contribution >= 0.1), strongest
+    first."""
     contribution = {d.expert: d.contribution for d in verdict.drivers}
     applicable = [e for e in evidence if e.applicable and e.score is not None]
     if verdict.label == "authentic":
-        return sorted(applicable, key=lambda e: contribution.get(e.expert, 0.0))
+        clean = (e for e in applicable if e.score < 0.5)
+        return sorted(clean, key=lambda e: contribution.get(e.expert, 0.0))
     return sorted(
         (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.1),
         key=lambda e: -contribution.get(e.expert, 0.0),

@@ -48,6 +48,7 @@ from assistant.grounding import (
     check_answer,
     compose_answer,
     has_instruction,
+    ranked_reasons,
     reason_line,
 )
 from assistant.report import where_phrases
@@ -191,13 +192,7 @@ def reference_plan(kind: str, image: LoadedImage, experts: Sequence[str]) -> lis
 
 
 def _why(analysis: Analysis, focus: Sequence[str], many: int) -> list[Evidence]:
-    verdict = analysis.verdict
-    applicable = [e for e in analysis.evidence if e.applicable and e.score is not None]
-    contribution = {d.expert: d.contribution for d in verdict.drivers}
-    if verdict.label == "authentic":
-        ranked = sorted(applicable, key=lambda e: contribution.get(e.expert, 0.0))
-    else:
-        ranked = sorted(applicable, key=lambda e: -contribution.get(e.expert, 0.0))
+    ranked = ranked_reasons(analysis.verdict, analysis.evidence)
     by_name = {e.expert: e for e in analysis.evidence}
     named = [by_name[name] for name in dict.fromkeys(focus) if name in by_name]
     chosen = list(dict.fromkeys([*named, *ranked]))
