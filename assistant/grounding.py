@@ -593,11 +593,28 @@ def check_answer(
     return list(dict.fromkeys(problems))
 
 
+_LINE_HEAD = re.compile(r"^(?:Why:|What the experts saw:|[-*•])\s*")
+
+
+def _without_repeated_lines(text: str) -> str:
+    """The text without a line that repeats an earlier one, heading or bullet aside ("Why: ela (score
+    0.01): ..." then "ela (score 0.01): ..."): a reason quoted twice says nothing new."""
+    seen: set[str] = set()
+    kept = []
+    for line in text.split("\n"):
+        key = _LINE_HEAD.sub("", line).strip().lower()
+        if len(key) > 20 and key in seen:
+            continue
+        seen.add(key)
+        kept.append(line)
+    return "\n".join(kept)
+
+
 def tidy_answer(text: str) -> str:
-    """A small model's answer with its loop and its unfinished tail cut off: everything from the
-    first sentence it repeats, and a last sentence the token budget cut short, when whole sentences
-    come before them. What is left is still checked like any answer."""
-    text = text.strip()
+    """A small model's answer with a line it repeats dropped, and its loop and its unfinished tail cut
+    off: everything from the first sentence it repeats, and a last sentence the token budget cut
+    short, when whole sentences come before them. What is left is still checked like any answer."""
+    text = _without_repeated_lines(text.strip())
     spans: list[tuple[int, int]] = []  # (start, end) of each sentence or line in text
     position = 0
     for piece in _SENTENCE.split(text):

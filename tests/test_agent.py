@@ -702,6 +702,12 @@ def test_tidy_answer_cuts_a_loop_and_an_unfinished_tail():
     assert tidy_answer("only a fragment") == "only a fragment"  # nothing whole to keep: the check decides
 
 
+def test_tidy_answer_drops_a_reason_quoted_twice_and_keeps_what_follows():
+    reason = "metadata (score 0.43): The file was written by Adobe Photoshop."
+    twice = f"image_1 is uncertain.\nWhy: {reason}\n{reason}\n{CAVEATS['uncertain']}"
+    assert tidy_answer(twice) == f"image_1 is uncertain.\nWhy: {reason}\n{CAVEATS['uncertain']}"
+
+
 def test_a_looping_answer_is_tidied_and_kept_without_a_retry():
     P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     again = "The centre was edited by someone."
