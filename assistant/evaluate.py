@@ -101,6 +101,7 @@ class EvalItem:
     manipulation: str
     split: str
     mask_file: Path | None = None
+    group: str = ""  # images that share a source photo share a group (never split across splits)
 
     @property
     def positive(self) -> bool:
@@ -166,6 +167,7 @@ def read_manifest(
                 manipulation=row.get("manipulation", ""),
                 split=row_split,
                 mask_file=root / row["mask"] if row.get("mask") else None,
+                group=row.get("group", ""),
             )
         )
     return items

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -213,16 +214,23 @@ def _fit(trace: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @cache
-def load_localiser() -> LocaliserNet:
-    """The shipped network (weights stored in fp16, run in fp32), in eval mode; cached."""
+def load_localiser(path: str | Path | None = None) -> LocaliserNet:
+    """The shipped network, or the one in a safetensors file (a training run's), with weights stored in
+    fp16 and run in fp32, in eval mode; cached."""
     from experts.learned import load_weights
 
-    state = {key: value.float() for key, value in load_weights(WEIGHTS_NAME).items()}
+    if path is None:
+        stored, source = load_weights(WEIGHTS_NAME), f"experts/weights/{WEIGHTS_NAME}.safetensors"
+    else:
+        from safetensors.torch import load_file
+
+        stored, source = load_file(str(path)), str(path)
+    state = {key: value.float() for key, value in stored.items()}
     model = LocaliserNet(trace_front_end=any(key.startswith("trace.") for key in state), pretrained=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelNotAvailableError(
-            f"experts/weights/{WEIGHTS_NAME}.safetensors does not fit this code (missing {missing[:3]}, "
+            f"{source} does not fit this code (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); reinstall the package or retrain with finetune.train_localiser"
         )
     return model.eval()

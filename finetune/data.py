@@ -4,6 +4,7 @@ uint8 arrays (masks as bool). Splits are used as given: train on `train`, tune o
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,3 +39,18 @@ def read_mask(path: Path | str, shape: tuple[int, int] | None = None) -> np.ndar
         if shape and mask.size != (shape[1], shape[0]):
             mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
         return np.asarray(mask) > 127
+
+
+def fold_of(item: EvalItem, folds: int) -> int:
+    """The cross-fitting fold of a manifest row, by its group (a source photo and the forgeries made
+    from it fall in the same fold)."""
+    return int(hashlib.md5((item.group or item.path).encode()).hexdigest(), 16) % folds
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """'k/K' -> (k, K), with 0 <= k < K."""
+    fold, _, folds = text.partition("/")
+    k, n = int(fold), int(folds)
+    if not 0 <= k < n:
+        raise ValueError(f"a fold is 'k/K' with 0 <= k < K, not {text!r}")
+    return k, n

@@ -27,16 +27,18 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from experts.backbone import normalise
 from experts.maps import fit_longest_side, mask_from_heatmap
 from finetune.augment import PostProcess, recompress
-from finetune.data import manifest_items, read_mask, read_rgb
+from finetune.data import fold_of, manifest_items, parse_fold, read_mask, read_rgb
 from finetune.recipe import Checkpoints, RecipeConfig, parse_config, ship_weights, start
 from finetune.synth import Synthesiser, shapes_from_masks
 
 log = logging.getLogger(__name__)
+LOCALISER_FILE = "manipulation.safetensors"  # the trained network in the run folder, shipped or not
 
 
 @dataclass
@@ -63,6 +65,10 @@ class LocaliserConfig(RecipeConfig):
     workers: int = 1
     max_minutes: float = 0.0  # stop training early (then calibrate and ship) after this long; 0: no limit
     val_limit: int = 80  # images of CASIA v1 val for the periodic evaluation; 0: all (the final one uses all)
+    # "k/K": leave out the CASIA v1 train groups of fold k of K (tampered and authentic), so that the
+    # localiser's regions on them are like those on images it never saw (the student's cross-fitted
+    # refinement prompts, finetune/train_student.py --localiser-folds).
+    holdout: str = ""
 
 
 def post_process(config: LocaliserConfig) -> PostProcess:
@@ -87,12 +93,16 @@ class TrainingData:
 
 
 def load_training_data(config: LocaliserConfig) -> TrainingData:
-    tampered_items = [i for i in manifest_items(["casia1"], "train", ["manipulated"]) if i.mask_file]
+    casia = manifest_items(["casia1"], "train")
+    if config.holdout:
+        fold, folds = parse_fold(config.holdout)
+        casia = [i for i in casia if fold_of(i, folds) != fold]
     tampered = []
-    for item in tampered_items:
-        image = read_rgb(item.file)
-        tampered.append((image, read_mask(item.mask_file, image.shape[:2])))
-    authentic = [read_rgb(i.file) for i in manifest_items(["casia1"], "train", ["authentic"])]
+    for item in casia:
+        if item.label == "manipulated" and item.mask_file:
+            image = read_rgb(item.file)
+            tampered.append((image, read_mask(item.mask_file, image.shape[:2])))
+    authentic = [read_rgb(i.file) for i in casia if i.label == "authentic"]
     others = manifest_items(["faces_real", "ai_playground"], "train", ["real_face", "real_photo"])
     hosts = authentic + [fit_longest_side(read_rgb(i.file), 512) for i in others]
     synthesiser = Synthesiser(hosts, shapes_from_masks([m for _, m in tampered]), post=post_process(config))
@@ -358,8 +368,9 @@ def finish(model, config: LocaliserConfig, history: list[dict], out: Path) -> di
     }
     (out / "scores.json").write_text(json.dumps({"scores": scores, "history": history}, indent=2))
     log.info("final: %s", scores)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, out / LOCALISER_FILE)
     if config.ship:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         ship_weights("manipulation", state, card=CARD, config=config, scores=scores)
         log.info("shipped experts/weights/manipulation.safetensors")
     return scores

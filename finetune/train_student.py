@@ -77,6 +77,10 @@ class StudentConfig(RecipeConfig):
     # ground-truth components they touch (none, for a false alarm: an empty mask). With it, the best
     # state is chosen by the refined localiser's pixel-F1 on val rather than by box IoU.
     localiser_prompts: float = 0.0
+    # Cross-fitted localiser prompts: the runs of `finetune.train_localiser --holdout k/K` for k = 0..K-1.
+    # A CASIA train image of fold k is then prompted with the regions of the localiser that never saw
+    # it (the shipped one saw every train image, and its regions there are better than on new images).
+    localiser_folds: tuple[str, ...] = ()
     init: str = ""  # start from trained weights: "shipped" (experts/weights/student.safetensors)
 
 
@@ -168,12 +172,15 @@ def make_examples(
     teacher=None,
     desc: str = "features",
     localiser: torch.nn.Module | None = None,
+    localisers: Sequence[torch.nn.Module | None] | None = None,
 ) -> list[Example]:
     """Encode (image, mask) pairs once; with a teacher, its masks for the components' boxes replace the
-    ground truth; with the localiser, its mask and refinement prompts are kept too."""
+    ground truth; with the localiser (or one per pair, `localisers`), its mask and refinement prompts
+    are kept too."""
     examples = []
+    localisers = localisers if localisers is not None else [localiser] * len(pairs)
     with torch.inference_mode():
-        for image, mask in tqdm(pairs, desc=desc, leave=False):
+        for (image, mask), localiser in tqdm(zip(pairs, localisers, strict=True), desc=desc, leave=False):
             image, mask = to_working(image, mask)
             boxes = component_boxes(mask)
             if not boxes:
@@ -191,11 +198,14 @@ def make_examples(
     return examples
 
 
-def load_pairs(config: StudentConfig, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_pairs(
+    config: StudentConfig, split: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int | None]]:
     """CASIA v1 tampered images with masks of a split (train also flipped and re-compressed, plus
-    synthetic forgeries)."""
+    synthetic forgeries), and the cross-fitting fold of each (None for a synthetic one; one fold
+    without --localiser-folds)."""
     from finetune.augment import PostProcess
-    from finetune.data import manifest_items, read_mask, read_rgb
+    from finetune.data import fold_of, manifest_items, read_mask, read_rgb
 
     items = [i for i in manifest_items(["casia1"], split, ["manipulated"]) if i.mask_file]
     limit = config.casia_limit if split == "train" else config.val_limit
@@ -204,8 +214,9 @@ def load_pairs(config: StudentConfig, split: str) -> list[tuple[np.ndarray, np.n
     for item in items:
         image = read_rgb(item.file)
         pairs.append((image, read_mask(item.mask_file, image.shape[:2])))
+    folds = [fold_of(item, max(len(config.localiser_folds), 1)) for item in items]
     if split != "train":
-        return pairs
+        return pairs, folds
     rng = np.random.default_rng(config.seed)
     post = PostProcess(
         jpeg_quality=(60, 100), p_jpeg=1.0, scale=(0.7, 1.0), p_resize=0.3, p_blur=0.1, p_noise=0.1
@@ -234,7 +245,7 @@ def load_pairs(config: StudentConfig, split: str) -> list[tuple[np.ndarray, np.n
                 "the synthesiser failed on %d of %d draws; they were skipped", failed, config.synthetic
             )
     log.info("train pairs: %d CASIA, %d flipped, %d synthetic", len(pairs), len(flipped), len(synthetic))
-    return pairs + flipped + synthetic
+    return pairs + flipped + synthetic, folds + folds + [None] * len(synthetic)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,11 +733,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from experts.manipulation import load_localiser
 
             localiser = load_localiser()
-        train_pairs = load_pairs(config, "train")
-        examples = make_examples(train_pairs, model.encoder, teacher, "train features", localiser)
+        train_pairs, folds = load_pairs(config, "train")
+        localisers = None
+        if config.localiser_folds:
+            from experts.manipulation import load_localiser
+            from finetune.train_localiser import LOCALISER_FILE
+
+            held_out = [load_localiser(Path(run) / LOCALISER_FILE) for run in config.localiser_folds]
+            localisers = [localiser if fold is None else held_out[fold] for fold in folds]
+        examples = make_examples(train_pairs, model.encoder, teacher, "train features", localiser, localisers)
         # Validation compares against ground truth in both modes: the student should find the edit.
         val_examples = make_examples(
-            load_pairs(config, "val"), model.encoder, None, "val features", localiser
+            load_pairs(config, "val")[0], model.encoder, None, "val features", localiser
         )
         torch.save({"train": examples, "val": val_examples}, cache_file)
     result = train(config, model, examples, val_examples, Checkpoints(out))
@@ -766,6 +784,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config.localiser_prompts
             else ""
         )
+        if config.localiser_folds:
+            localiser += (
+                f" On CASIA `train` images those regions came from {len(config.localiser_folds)} "
+                "cross-fitted localisers (`finetune.train_localiser --holdout k/K`), each trained without "
+                "the fold of images it prompts, so they are as good as on images never seen "
+                "(the shipped localiser saw every `train` image); synthetic forgeries used the shipped one."
+            )
         measure = (
             "the pixel-F1 of the localiser's regions refined by the student (as experts/refine.py does it)"
             if config.localiser_prompts

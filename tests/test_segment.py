@@ -4,6 +4,7 @@ built from segment-anything's own modules), the distillation step, refinement an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -254,3 +255,40 @@ def test_localiser_prompts_are_made_as_refinement_makes_them(random_student):
     )
     result = train(config, student, [found, missed], [found])
     assert "val_refined_f1" in result["history"][-1] and result["best_step"] == 2
+
+
+@pytest.mark.skipif(not available("manipulation"), reason="the manipulation localiser is not trained yet")
+def test_cross_fitted_prompts_come_from_the_localiser_of_each_pair(random_student, tmp_path):
+    """--localiser-folds: each pair gets the localiser that held its fold out (here the shipped one,
+    saved as a training run saves it and loaded back), a pair without one gets no localiser prompts."""
+    from safetensors.torch import save_file
+
+    from experts.image import load_image
+    from finetune.train_localiser import LOCALISER_FILE
+
+    state = {k: v.half().contiguous() for k, v in load_localiser().state_dict().items()}
+    save_file(state, tmp_path / LOCALISER_FILE)
+    held_out = load_localiser(tmp_path / LOCALISER_FILE)
+    sample = splice()
+    pixels = load_image(sample.data).pixels
+    pairs = [(pixels, sample.mask), (pixels, sample.mask)]
+    without, with_fold = make_examples(pairs, random_student.encoder, localisers=[None, held_out])
+    assert not without.localiser and without.coarse is None
+    (shipped,) = make_examples(pairs[:1], random_student.encoder, localiser=load_localiser())
+    assert with_fold.localiser and np.array_equal(with_fold.coarse, shipped.coarse)
+
+
+def test_folds_follow_the_manifest_groups():
+    from assistant.evaluate import EvalItem
+    from finetune.data import fold_of, parse_fold
+
+    def item(path: str, group: str) -> EvalItem:
+        return EvalItem(path, Path(path), "casia1", "authentic", "none", "train", None, group)
+
+    source, forgery = item("Au/a.jpg", "uf:pla0068"), item("Tp/b.jpg", "uf:pla0068")
+    assert fold_of(source, 2) == fold_of(forgery, 2) and fold_of(source, 5) == fold_of(forgery, 5)
+    assert {fold_of(item(f"{i}.jpg", f"g{i}"), 2) for i in range(20)} == {0, 1}
+    assert parse_fold("1/2") == (1, 2)
+    for wrong in ("2/2", "-1/2", "1"):
+        with pytest.raises(ValueError):
+            parse_fold(wrong)
