@@ -419,6 +419,7 @@ class _Turn:
     compared: tuple[str, str] | None = None
     shown: list[str] = field(default_factory=list)  # maps attached, as "<expert>" or "<expert>:<image>"
     messages: list[Message] = field(default_factory=list)  # this turn's messages, for the history
+    question: str = ""
 
 
 class Agent:
@@ -495,7 +496,7 @@ class Agent:
             answer = Answer(text, None, (), [], {}, {}, (), False, False, self.backend.info, None)
             return self._finish(conversation, [user], answer, emit)
         conversation.current_image = subject
-        turn = _Turn(conversation, subject, other, emit, messages=[user])
+        turn = _Turn(conversation, subject, other, emit, messages=[user], question=question)
         turn.numbers += [float(n) for n in re.findall(r"\d+(?:\.\d+)?", question)]
         analysis = self._analysis(conversation, subject)
         image = conversation.image(subject)
@@ -784,7 +785,9 @@ class Agent:
         if turn.compared:
             return AnswerGuide(verdicts)
         where = where_phrases(analysis.verdict.mask, conversation.image(turn.subject).orientation)
-        return AnswerGuide(verdicts, [*analysis.evidence, *turn.extra_evidence], where)
+        evidence = [*analysis.evidence, *turn.extra_evidence]
+        focus = experts_named(turn.question, [e.expert for e in evidence])
+        return AnswerGuide(verdicts, evidence, where, focus)
 
     def _compose(self, turn: _Turn, question: str, analysis: Analysis) -> str:
         image = turn.conversation.image(turn.subject)

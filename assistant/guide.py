@@ -10,8 +10,9 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "Where:"                                        -> " the lower-left quarter." (the verdict's mask)
     "The file's"                                    -> " metadata holds [no] text addressed to an AI
                                                        system..." (what the metadata expert found)
-    "Why:"                                          -> " ela (score 0.98): ..." (the expert that most
-                                                       supports the verdict, as the fusion weighed it)
+    "Why:"                                          -> " ela (score 0.98): ..." (the expert the question
+                                                       names, else the one that most supports the
+                                                       verdict, as the fusion weighed it)
     a line opened with "A", "Caveat" or
     "The evidence" after the first line             -> the caveat that belongs to the verdict's label
 
@@ -70,7 +71,11 @@ class AnswerGuide:
     comparison) only the verdict and probability slots are filled."""
 
     def __init__(
-        self, verdicts: Mapping[str, Verdict], evidence: Sequence[Evidence] = (), where: Sequence[str] = ()
+        self,
+        verdicts: Mapping[str, Verdict],
+        evidence: Sequence[Evidence] = (),
+        where: Sequence[str] = (),
+        focus: Sequence[str] = (),
     ) -> None:
         if not verdicts:
             raise ValueError("a guide needs the verdict of at least one image")
@@ -79,6 +84,7 @@ class AnswerGuide:
         self.reasons = {item.expert: item for item in evidence}
         self.where = list(where)
         self.instruction = has_instruction(evidence)
+        self.focus = [name for name in focus if name in self.reasons]  # experts the question names
 
     def __call__(self, text: str) -> str | None:
         if match := _VERDICT_SLOT.search(text):
@@ -93,8 +99,7 @@ class AnswerGuide:
         if _WHERE_SLOT.search(text):
             return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
         if _WHY_SLOT.search(text) and self.reasons:
-            first = leading_reason(self._verdict_in(text), list(self.reasons.values()))
-            return None if first is None else " " + reason_line(first)
+            return self._first_reason(text)
         if (match := _CAVEAT_SLOT.search(text)) and self.reasons:
             return _caveat(match.group("opening"), self._verdict_in(text).label)
         if _NOTE_SLOT.search(text) and self.reasons:  # the note on instructions in the metadata: the true one
@@ -106,6 +111,14 @@ class AnswerGuide:
         """The verdict of the image the sentence is about: the last one the reply names."""
         named = [i for i in _IMAGE_ID.findall(text) if i in self.verdicts]
         return self.verdicts[named[-1] if named else self.subject]
+
+    def _first_reason(self, text: str) -> str | None:
+        """The expert the question asks about, else the one that most supports the verdict."""
+        if self.focus:
+            first = self.reasons[self.focus[0]]
+        else:
+            first = leading_reason(self._verdict_in(text), list(self.reasons.values()))
+        return None if first is None else " " + reason_line(first)
 
     def _reason(self, name: str, typed: bool) -> str | None:
         item = self.reasons.get(name)

@@ -182,6 +182,12 @@ def test_the_model_writes_with_the_evidence_guide(guided):
     assert final("Why: ela (").startswith(f"score {ela.score:.2f}): ")
 
 
+def test_the_guide_opens_the_reasons_with_the_expert_the_question_names():
+    backend = ScriptedBackend(call("noise"), "It looks edited.")
+    Agent(backend).ask(Conversation(), "What does the noise analysis say?", [splice()])
+    assert backend.guides[-1]("image_1 is manipulated.\nWhy:").startswith(" noise (score ")
+
+
 def test_errors_go_back_to_the_model_as_observations():
     P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     backend = ScriptedBackend(

@@ -94,6 +94,11 @@ def test_the_first_reason_is_the_expert_that_most_supports_the_verdict() -> None
     assert edited("Why:").startswith(" ela (score 0.51): ")
     assert clean("Why:") == " noise (score 0.02): The noise is consistent across the image."
     assert AnswerGuide({"image_1": no_defence}, [noise, ELA])("Why:") is None
+    # A question about one expert ("what does the noise say?") is answered with that expert first.
+    asked = AnswerGuide(
+        {"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, [noise, ELA], (), ["noise"]
+    )
+    assert asked("Why:") == " noise (score 0.02): The noise is consistent across the image."
 
 
 def test_an_uncertain_verdict_is_too_close_to_call_and_an_unmarked_one_names_no_place() -> None:
