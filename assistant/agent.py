@@ -786,7 +786,12 @@ class Agent:
             return AnswerGuide(verdicts)
         where = where_phrases(analysis.verdict.mask, conversation.image(turn.subject).orientation)
         evidence = [*analysis.evidence, *turn.extra_evidence]
-        focus = experts_named(turn.question, [e.expert for e in evidence])
+        called = [
+            record.arguments.get("expert") if record.name == SHOW_MAP else record.name
+            for record in turn.records
+            if record.valid and isinstance(record.arguments, dict)
+        ]
+        focus = [*experts_named(turn.question, [e.expert for e in evidence]), *called]
         return AnswerGuide(verdicts, evidence, where, focus)
 
     def _compose(self, turn: _Turn, question: str, analysis: Analysis) -> str:

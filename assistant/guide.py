@@ -11,8 +11,9 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "The file's"                                    -> " metadata holds [no] text addressed to an AI
                                                        system..." (what the metadata expert found)
     "Why:"                                          -> " ela (score 0.98): ..." (the expert the question
-                                                       names, else the one that most supports the
-                                                       verdict, as the fusion weighed it)
+                                                       names or the model called, else the one that
+                                                       most supports the verdict; first the note on
+                                                       text addressed to an AI, when the file has some)
     a line opened with "A", "Caveat" or
     "The evidence" after the first line             -> the caveat that belongs to the verdict's label
 
@@ -84,7 +85,7 @@ class AnswerGuide:
         self.reasons = {item.expert: item for item in evidence}
         self.where = list(where)
         self.instruction = has_instruction(evidence)
-        self.focus = [name for name in focus if name in self.reasons]  # experts the question names
+        self.focus = [name for name in focus if name in self.reasons]  # asked about, or called
 
     def __call__(self, text: str) -> str | None:
         if match := _VERDICT_SLOT.search(text):
@@ -113,7 +114,10 @@ class AnswerGuide:
         return self.verdicts[named[-1] if named else self.subject]
 
     def _first_reason(self, text: str) -> str | None:
-        """The expert the question asks about, else the one that most supports the verdict."""
+        """The note on text addressed to an AI in the metadata when there is some; else the expert the
+        question asks about or the model called first; else the one that most supports the verdict."""
+        if self.instruction:
+            return " " + INSTRUCTION_NOTE
         if self.focus:
             first = self.reasons[self.focus[0]]
         else:

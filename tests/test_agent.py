@@ -186,6 +186,10 @@ def test_the_guide_opens_the_reasons_with_the_expert_the_question_names():
     backend = ScriptedBackend(call("noise"), "It looks edited.")
     Agent(backend).ask(Conversation(), "What does the noise analysis say?", [splice()])
     assert backend.guides[-1]("image_1 is manipulated.\nWhy:").startswith(" noise (score ")
+    # ... or the expert the model chose to call for the question.
+    backend = ScriptedBackend(call("jpeg"), "It looks edited.")
+    Agent(backend).ask(Conversation(), "So was it edited or not?", [splice()])
+    assert backend.guides[-1]("image_1 is manipulated.\nWhy:").startswith(" jpeg (score ")
 
 
 def test_errors_go_back_to_the_model_as_observations():
