@@ -60,6 +60,9 @@ class FusionConfig(RecipeConfig):
     # expert's own strength reads as evidence: a generator signature (0.9) adds 3.6 to the log-odds,
     # editing software alone (0.35) 1.4.
     fixed: tuple[str, ...] = ("metadata=4.0",)
+    # Sample weights: "equal" gives every (data set, class) the same total weight (the shipped fit);
+    # "sqrt" makes it proportional to the square root of its size; "none" weighs every image alike.
+    balance: str = "equal"
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
     experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
@@ -253,12 +256,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(float(log_t.detach().exp()), 0.2, 20.0))
 
 
-def balance(records: Sequence[dict]) -> np.ndarray:
-    """Sample weights giving every (dataset, class) the same total weight: the small face and
-    AI-image sets count as much as CASIA."""
+def balance(records: Sequence[dict], mode: str = "equal") -> np.ndarray:
+    """Sample weights, mean 1. "equal": every (dataset, class) gets the same total weight, so the small
+    face and AI-image sets count as much as CASIA; "sqrt": a total weight proportional to the square
+    root of its size; "none": every record alike."""
     keys = [(r["dataset"], r["positive"]) for r in records]
     counts = {key: keys.count(key) for key in set(keys)}
-    weights = np.array([1.0 / counts[key] for key in keys])
+    exponents = {"equal": 0.0, "sqrt": 0.5, "none": 1.0}
+    if mode not in exponents:
+        raise ValueError(f"balance is one of {', '.join(exponents)}, not {mode!r}")
+    exponent = exponents[mode]
+    weights = np.array([counts[key] ** exponent / counts[key] for key in keys])
     return weights * len(records) / weights.sum()
 
 
@@ -305,7 +313,7 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
         {name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS) - set(PIXEL_ONLY)
     )
     features, labels = image_features(records, experts)
-    weights = balance(records)
+    weights = balance(records, config.balance)
     k = len(experts)
     nonnegative = slice(k, 2 * k)
     fixed = {
@@ -365,6 +373,12 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
             scores[f"{group} val ECE (out-of-fold)"] = round(
                 expected_calibration_error(labels[rows], probability[rows]), 4
             )
+        for variant in config.variants:  # calibration can differ between a file as stored and re-saved
+            alike = rows & np.array([r["variant"] == variant for r in records])
+            if alike.any() and len(set(labels[alike])) == 2:
+                scores[f"{group} {variant} val ECE (out-of-fold)"] = round(
+                    expected_calibration_error(labels[alike], probability[alike]), 4
+                )
     scores["val ECE (out-of-fold, after temperature)"] = round(
         expected_calibration_error(labels, probability), 4
     )

@@ -126,3 +126,15 @@ def test_editing_software_alone_accuses_nobody():
         evidence(name, 0.12 if name == "metadata" else typical.get(name, 0.0)) for name in model.experts
     ]
     assert fuse(without, SHAPE, model).label == "authentic"
+
+
+def test_sample_weights_balance_data_sets_and_classes_as_asked():
+    from finetune.train_fusion import balance
+
+    records = [{"dataset": "casia1", "positive": True}] * 4 + [{"dataset": "cifake", "positive": True}]
+    equal, root, none = (balance(records, mode) for mode in ("equal", "sqrt", "none"))
+    assert equal[:4].sum() == pytest.approx(equal[4]) and equal.mean() == pytest.approx(1.0)
+    assert root[:4].sum() == pytest.approx(2 * root[4])  # sqrt(4) : sqrt(1)
+    assert none == pytest.approx(np.ones(5))
+    with pytest.raises(ValueError):
+        balance(records, "uniform")
