@@ -758,7 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     refined = {}
     if config.localiser_prompts:
         coarse = np.mean([_f1(e.mask, e.coarse) for e in val_examples if e.coarse is not None])
+        # How good the regions that prompted the student were: on train images the shipped localiser
+        # saw, they beat its val regions by far (cross-fitted ones, --localiser-folds, do not).
+        seen = np.mean([_f1(e.mask, e.coarse) for e in examples if e.coarse is not None])
         refined = {
+            "train localiser pixel-F1 (working size, synthetic included)": round(float(seen), 4),
             "val localiser pixel-F1 (working size)": round(float(coarse), 4),
             "val refined pixel-F1 at that threshold (working size)": round(calibrated, 4),
         }
