@@ -782,13 +782,11 @@ def compose_answer(
 
     named = experts_named(question, by_name)
     many = 4 if re.search(r"\bwhy\b|\bexplain\b|\bhow come\b|\bdetail", question, re.IGNORECASE) else 3
-    ranked = ranked_reasons(verdict, applicable)
     if verdict.label == "authentic":
         heading = "Why: no expert found strong evidence of editing or generation:"
     else:
         heading = "Why:" if verdict.label != "uncertain" else "What the experts saw:"
-    chosen = [by_name[n] for n in named] + [e for e in ranked if e.expert not in named]
-    chosen = chosen[: max(many, len(named))]
+    chosen = cited_reasons(verdict, evidence, named, many)
     if chosen:
         lines.append(heading)
         lines.extend(_bullet(item) for item in chosen)
@@ -817,6 +815,17 @@ def ranked_reasons(verdict: Verdict, evidence: Sequence[Evidence]) -> list[Evide
         (e for e in applicable if contribution.get(e.expert, 0.0) >= 0.1),
         key=lambda e: -contribution.get(e.expert, 0.0),
     )
+
+
+def cited_reasons(
+    verdict: Verdict, evidence: Sequence[Evidence], named: Sequence[str], many: int
+) -> list[Evidence]:
+    """The experts an answer cites: those the question names (any of the evidence, in that order), then
+    ranked_reasons, `many` in all or every named one."""
+    by_name = {e.expert: e for e in evidence}
+    asked = [by_name[name] for name in dict.fromkeys(named) if name in by_name]
+    rest = [e for e in ranked_reasons(verdict, evidence) if e.expert not in named]
+    return [*asked, *rest][: max(many, len(asked))]
 
 
 def leading_reason(verdict: Verdict, evidence: Sequence[Evidence]) -> Evidence | None:

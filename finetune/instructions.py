@@ -46,9 +46,9 @@ from assistant.grounding import (
     INSTRUCTION_NOTE,
     LABEL_WORDS,
     check_answer,
+    cited_reasons,
     compose_answer,
     has_instruction,
-    ranked_reasons,
     reason_line,
 )
 from assistant.report import where_phrases
@@ -191,14 +191,6 @@ def reference_plan(kind: str, image: LoadedImage, experts: Sequence[str]) -> lis
     return plan or calls(ANALYZE_IMAGE)
 
 
-def _why(analysis: Analysis, focus: Sequence[str], many: int) -> list[Evidence]:
-    ranked = ranked_reasons(analysis.verdict, analysis.evidence)
-    by_name = {e.expert: e for e in analysis.evidence}
-    named = [by_name[name] for name in dict.fromkeys(focus) if name in by_name]
-    chosen = list(dict.fromkeys([*named, *ranked]))
-    return chosen[: max(many, len(named))]
-
-
 def reference_answer(
     kind: str,
     analysis: Analysis,
@@ -240,7 +232,7 @@ def reference_answer(
             if shown_mask
             else "The fused verdict marks no region, so there is no mask to show."
         )
-    why = _why(analysis, focus, 2 if kind != "why" else 3)
+    why = cited_reasons(analysis.verdict, analysis.evidence, focus, 2 if kind != "why" else 3)
     reasons = []
     if has_instruction(evidence):
         reasons.append(INSTRUCTION_NOTE)
