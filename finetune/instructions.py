@@ -391,10 +391,16 @@ class ConversationSpec:
 
 
 def choose_specs(
-    split: str, seed: int, manifest: Path | None = None, scale: float = 1.0, image_dir: Path | None = None
+    split: str,
+    seed: int,
+    manifest: Path | None = None,
+    scale: float = 1.0,
+    image_dir: Path | None = None,
+    injection_share: float = 0.3,
 ) -> list[ConversationSpec]:
     """The conversations of one split: images drawn by seed from SOURCES, one conversation per image
-    (some with a follow-up), and injection variants of some images written to `image_dir`."""
+    (some with a follow-up), and injection variants of `injection_share` of the images that can host
+    one, written to `image_dir`."""
     from finetune.data import manifest_items
 
     rng = random.Random(f"{seed}:{split}")
@@ -424,7 +430,7 @@ def choose_specs(
             )
     # Injection variants: a share of the images again, with an instruction in their metadata.
     hosts = [s for s in specs if s.dataset in ("casia1", "faces_stylegan", "ai_playground", "cifake")]
-    for spec in rng.sample(hosts, max(1, round(len(hosts) * 0.3))):
+    for spec in rng.sample(hosts, max(1, round(len(hosts) * injection_share))):
         data = Path(spec.image).read_bytes()
         kind = rng.choice(INJECTION_KINDS if data[:2] == b"\xff\xd8" else ("png",))
         text = rng.choice(INJECTIONS)
@@ -526,15 +532,19 @@ def build(
     manifest: Path | None = None,
     scale: float = 1.0,
     experts: Sequence[str] | None = None,
+    injection_share: float = 0.3,
 ) -> dict[str, int]:
-    """Write out/train.jsonl (generation records) and out/eval.jsonl (val conversations)."""
+    """Write out/train.jsonl (generation records) and out/eval.jsonl (val conversations).
+    `injection_share` sets the injected-instruction variants of `train`; `val` keeps 0.3 so that the
+    evaluation always has such turns."""
     from tqdm import tqdm
 
     experts = list(experts or available_experts())
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     for split, name in (("train", "train.jsonl"), ("val", "eval.jsonl")):
-        specs = choose_specs(split, seed, manifest, scale, out / "images")
+        share = injection_share if split == "train" else 0.3
+        specs = choose_specs(split, seed, manifest, scale, out / "images", share)
         rows: list[dict] = []
         for spec in tqdm(specs, desc=f"recording {split} conversations", unit="conv"):
             records, summary = record_conversation(spec, experts)
@@ -543,7 +553,8 @@ def build(
             for row in rows:
                 file.write(json.dumps(row, ensure_ascii=False) + "\n")
         counts[split] = len(rows)
-    (out / "build.json").write_text(json.dumps({"seed": seed, "scale": scale, "experts": experts, **counts}))
+    settings = {"seed": seed, "scale": scale, "injection_share": injection_share, "experts": experts}
+    (out / "build.json").write_text(json.dumps({**settings, **counts}))
     return counts
 
 
@@ -558,9 +569,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--manifest", type=Path, default=None)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the images per source")
+    parser.add_argument(
+        "--injection-share",
+        type=float,
+        default=0.3,
+        help="share of the train images that can host one copied with an instruction in its metadata",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    counts = build(args.out, args.seed, args.manifest, args.scale)
+    counts = build(args.out, args.seed, args.manifest, args.scale, injection_share=args.injection_share)
     print(
         f"wrote {counts['train']} training generations and {counts['val']} eval conversations to {args.out}"
     )

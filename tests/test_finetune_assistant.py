@@ -64,6 +64,15 @@ def test_specs_are_deterministic_by_seed_and_split_by_source_image(tmp_path: Pat
         choose_specs("test", 0)
 
 
+@needs_data
+def test_injection_share_sets_how_many_conversations_carry_an_instruction(tmp_path: Path) -> None:
+    def injected(share: float) -> int:
+        specs = choose_specs("train", 0, scale=0.5, image_dir=tmp_path, injection_share=share)
+        return sum(s.injection is not None for s in specs)
+
+    assert 0 < injected(0.1) < injected(0.3)
+
+
 def test_reference_plans_follow_the_image_and_the_question() -> None:
     jpeg = load_image(samples.splice().data)
     png = load_image(with_instruction(samples.splice().data, "a caption", "png"))
