@@ -151,8 +151,9 @@ class FusionModel:
             pixel_experts=pixel_experts,
             pixel_weight=values("pixel_weight")[: len(pixel_experts)],
             pixel_bias=values("pixel_bias")[0],
-            pixel_threshold=values("pixel_threshold")[0],
-            uncertain_band=values("uncertain_band")[:2],
+            # Settings, not fitted numbers: undo float32's rounding (0.35 reads 0.3499999940395355).
+            pixel_threshold=round(values("pixel_threshold")[0], 6),
+            uncertain_band=tuple(round(v, 6) for v in values("uncertain_band")[:2]),
             source=source,
             notes=json.loads(metadata.get("notes", "{}")),
         )

@@ -90,6 +90,7 @@ def test_model_round_trips_through_tensors():
     again = FusionModel.from_tensors(tensors, metadata, "fitted")
     assert again.experts == MODEL.experts and again.pixel_experts == MODEL.pixel_experts
     assert again.weight == pytest.approx(MODEL.weight) and again.temperature == pytest.approx(2.0)
+    assert again.uncertain_band == (0.35, 0.65)  # exactly the setting, as reports print it
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
