@@ -146,6 +146,11 @@ def load_image(
             "check the file or convert it to PNG or JPEG"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
+        if "truncated" in str(exc).lower():
+            raise InvalidImageError(
+                f"{label}: the file ends inside its header ({exc}): an incomplete download or copy; "
+                "fetch or export it again"
+            ) from exc
         raise InvalidImageError(f"{label}: corrupt image header ({exc}); re-export the file") from exc
     return _from_pil(image, data=data, label=label, limit=limit)
 

@@ -194,6 +194,14 @@ def test_truncated_jpeg():
         load_image(data[: len(data) // 2])
 
 
+def test_a_file_cut_inside_its_header_says_so():
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 4000  # a long ImageDescription: the header runs past the cut
+    data = encode(Image.fromarray(PIXELS), "JPEG", quality=90, exif=exif.tobytes())
+    with pytest.raises(InvalidImageError, match=r"^<bytes>: the file ends inside its header"):
+        load_image(data[:2000])
+
+
 def test_truncated_png():
     data = encode(Image.fromarray(PIXELS), "PNG")
     with pytest.raises(InvalidImageError, match="the image data is (truncated|corrupt)"):
