@@ -292,3 +292,14 @@ def test_folds_follow_the_manifest_groups():
     for wrong in ("2/2", "-1/2", "1"):
         with pytest.raises(ValueError):
             parse_fold(wrong)
+
+
+def test_the_refinement_gain_interval_covers_the_mean_and_narrows_with_more_images():
+    from benchmarks.segment import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(0.03, 0.1, 50), rng.normal(0.03, 0.1, 5000)
+    low, high = bootstrap_interval(few)
+    assert low < few.mean() < high
+    narrow_low, narrow_high = bootstrap_interval(many)
+    assert narrow_high - narrow_low < (high - low) / 5
