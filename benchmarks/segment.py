@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unconfirmed", choices=("drop", "keep"), default=None)
     parser.add_argument("--max-regions", type=int, default=None, help="override the expert's setting")
     parser.add_argument(
+        "--prompt-threshold",
+        type=float,
+        default=None,
+        help="refine the source's heatmap at this threshold instead of its own mask",
+    )
+    parser.add_argument(
         "--mask-prompt",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             settings["unconfirmed"] = args.unconfirmed
         if args.max_regions is not None:
             settings["max_regions"] = args.max_regions
+        if args.prompt_threshold is not None:
+            settings["threshold"] = args.prompt_threshold
         if args.mask_prompt is not None:
             settings["use_mask_prompt"] = args.mask_prompt
         before, after, changed = refinement_f1(items, args.source, **settings)

@@ -134,6 +134,8 @@ class RefinedLocalisation:
     )
     uses = ("manipulation", "student")  # the shipped weights its output depends on
     source: str = "manipulation"  # the expert whose coarse mask is refined
+    # Regions to refine: the source expert's own mask (None), or its heatmap at this threshold.
+    threshold: float | None = None
     max_regions: int = 2
     confirm_iou: float = 0.1
     unconfirmed: str = "drop"
@@ -158,8 +160,9 @@ class RefinedLocalisation:
         result = refine(
             predictor,
             image.pixels,
-            coarse.mask if coarse.mask is not None else coarse.heatmap,
+            coarse.mask if coarse.mask is not None and self.threshold is None else coarse.heatmap,
             coarse.heatmap,
+            threshold=0.5 if self.threshold is None else self.threshold,
             max_regions=self.max_regions,
             confirm_iou=self.confirm_iou,
             unconfirmed=self.unconfirmed,

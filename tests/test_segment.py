@@ -303,3 +303,17 @@ def test_the_refinement_gain_interval_covers_the_mean_and_narrows_with_more_imag
     assert low < few.mean() < high
     narrow_low, narrow_high = bootstrap_interval(many)
     assert narrow_high - narrow_low < (high - low) / 5
+
+
+@needs_student
+@pytest.mark.skipif(not available("manipulation"), reason="the manipulation localiser is not trained yet")
+def test_the_refined_regions_can_come_from_the_coarse_heatmap_at_another_threshold():
+    from experts.image import load_image
+    from experts.refine import RefinedLocalisation
+
+    image = load_image(splice().data)
+    own_mask = RefinedLocalisation().analyze(image).details["components"]
+    at_half = RefinedLocalisation(threshold=0.5).analyze(image).details["components"]
+    strict = RefinedLocalisation(threshold=0.999).analyze(image).details["components"]
+    assert own_mask and at_half and len(strict) <= len(at_half)
+    assert sum(c["coarse_fraction"] for c in strict) < sum(c["coarse_fraction"] for c in at_half)
