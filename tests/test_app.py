@@ -131,6 +131,13 @@ def test_the_http_api_returns_the_answer_and_the_report(app, tmp_path):
     assert app.api_reset(session)[0] == "ok" and session.assistant.conversation.images == {}
 
 
+def test_the_http_api_endpoints_keep_their_documented_names():
+    from assistant.ui.app import build_app
+
+    public = {f.api_name for f in build_app(SharedModels()).fns.values() if f.api_visibility == "public"}
+    assert public == {"chat", "analyze", "reset"}  # docs/INTEGRATIONS.md lists these three
+
+
 def test_render_pieces():
     assert 'data-label="none"' in verdict_badge(None)
     assert "appears here" in evidence_panel(None)

@@ -383,7 +383,8 @@ def build_app(
             concurrency_limit=8,
             concurrency_id="turns",
         )
-        reset.click(handlers.reset, [session], outputs, api_visibility="private")
+        # Named, so that the page's own reset does not take "reset" from the HTTP API's endpoint.
+        reset.click(handlers.reset, [session], outputs, api_name="reset_page", api_visibility="private")
 
         # The HTTP API: hidden components, named endpoints.
         with gr.Group(visible=False):
