@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-regions", type=int, default=None, help="override the expert's setting")
     parser.add_argument(
         "--prompt-threshold",
-        type=float,
         default=None,
-        help="refine the source's heatmap at this threshold instead of its own mask",
+        help="override the expert's setting: a threshold of the heatmap, or \"mask\" for the source's mask",
     )
     parser.add_argument(
         "--mask-prompt",
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_regions is not None:
             settings["max_regions"] = args.max_regions
         if args.prompt_threshold is not None:
-            settings["threshold"] = args.prompt_threshold
+            mask = args.prompt_threshold == "mask"
+            settings["threshold"] = None if mask else float(args.prompt_threshold)
         if args.mask_prompt is not None:
             settings["use_mask_prompt"] = args.mask_prompt
         before, after, changed = refinement_f1(items, args.source, **settings)

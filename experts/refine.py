@@ -8,12 +8,14 @@ component's box (grown a little) and a positive point at its most confident pixe
 coarse heatmap around it as a mask prompt). A component is kept, re-drawn, when the segmenter confirms
 it (its mask overlaps the coarse component by at least `confirm_iou`); otherwise the coarse component is
 kept as it was or dropped (`unconfirmed`). The defaults were chosen on CASIA v1 `val`
-(`python -m benchmarks.segment --split val` and its options) with the shipped localiser (3,600 steps):
-its two largest regions, the coarse heatmap as a mask prompt, confirmation at IoU 0.1, unconfirmed
-regions dropped: pixel-F1 0.508 -> 0.525 there. Without the mask prompt refinement lost 0.004; with the
-first, undertrained localiser (whose map covered about 45% of the image) the mask prompt was what
-hurt. The segmenter is the distilled student (experts/student.py) by default; any object with SAM's
-predictor interface and `mask_input_from` (e.g. experts.sam.SamTeacher) works.
+(`python -m benchmarks.segment --split val` and its options) with the shipped localiser and student:
+regions from the coarse heatmap at 0.4 (`--prompt-threshold`; the localiser's own mask, drawn at 0.5,
+misses edges; 0.3-0.6 tried), its two largest, the heatmap as a mask prompt, confirmation at IoU 0.1,
+unconfirmed regions dropped: pixel-F1 0.508 -> 0.552 there (from the localiser's own mask 0.547; with
+it, three regions 0.543, unconfirmed regions kept 0.547). Without the mask prompt an earlier student
+lost 0.004; with the first, undertrained localiser (whose map covered about 45% of the image) the mask
+prompt was what hurt. The segmenter is the distilled student (experts/student.py) by default; any
+object with SAM's predictor interface and `mask_input_from` (e.g. experts.sam.SamTeacher) works.
 
 Score: the manipulation localiser's own score (refinement changes where, not whether).
 """
@@ -127,15 +129,15 @@ def refine(
 @dataclass(frozen=True)
 class RefinedLocalisation:
     name = "segmenter"
-    version = "2"
+    version = "3"
     description = (
         "Refined localisation: the learned manipulation localiser's regions re-drawn along object edges "
         "by a promptable segmenter (a distilled SAM student) given each region's box."
     )
     uses = ("manipulation", "student")  # the shipped weights its output depends on
     source: str = "manipulation"  # the expert whose coarse mask is refined
-    # Regions to refine: the source expert's own mask (None), or its heatmap at this threshold.
-    threshold: float | None = None
+    # Regions to refine: the source expert's heatmap at this threshold, or its own mask (None).
+    threshold: float | None = 0.4
     max_regions: int = 2
     confirm_iou: float = 0.1
     unconfirmed: str = "drop"

@@ -312,7 +312,7 @@ def test_the_refined_regions_can_come_from_the_coarse_heatmap_at_another_thresho
     from experts.refine import RefinedLocalisation
 
     image = load_image(splice().data)
-    own_mask = RefinedLocalisation().analyze(image).details["components"]
+    own_mask = RefinedLocalisation(threshold=None).analyze(image).details["components"]
     at_half = RefinedLocalisation(threshold=0.5).analyze(image).details["components"]
     strict = RefinedLocalisation(threshold=0.999).analyze(image).details["components"]
     assert own_mask and at_half and len(strict) <= len(at_half)
