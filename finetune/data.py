@@ -41,10 +41,15 @@ def read_mask(path: Path | str, shape: tuple[int, int] | None = None) -> np.ndar
         return np.asarray(mask) > 127
 
 
+def hash_fold(key: str, folds: int) -> int:
+    """A fold in [0, folds) that depends only on `key`: the same on every run and machine."""
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % folds
+
+
 def fold_of(item: EvalItem, folds: int) -> int:
     """The cross-fitting fold of a manifest row, by its group (a source photo and the forgeries made
     from it fall in the same fold)."""
-    return int(hashlib.md5((item.group or item.path).encode()).hexdigest(), 16) % folds
+    return hash_fold(item.group or item.path, folds)
 
 
 def parse_fold(text: str) -> tuple[int, int]:

@@ -391,13 +391,18 @@ class ConversationSpec:
     injection_kind: str | None = None
 
 
+# Share of the host images (casia1, faces_stylegan, ai_playground, cifake) copied with an instruction
+# in their metadata: the default for `train`, and always for `val`.
+INJECTION_SHARE = 0.3
+
+
 def choose_specs(
     split: str,
     seed: int,
     manifest: Path | None = None,
     scale: float = 1.0,
     image_dir: Path | None = None,
-    injection_share: float = 0.3,
+    injection_share: float = INJECTION_SHARE,
 ) -> list[ConversationSpec]:
     """The conversations of one split: images drawn by seed from SOURCES, one conversation per image
     (some with a follow-up), and injection variants of `injection_share` of the images that can host
@@ -533,18 +538,18 @@ def build(
     manifest: Path | None = None,
     scale: float = 1.0,
     experts: Sequence[str] | None = None,
-    injection_share: float = 0.3,
+    injection_share: float = INJECTION_SHARE,
 ) -> dict[str, int]:
     """Write out/train.jsonl (generation records) and out/eval.jsonl (val conversations).
-    `injection_share` sets the injected-instruction variants of `train`; `val` keeps 0.3 so that the
-    evaluation always has such turns."""
+    `injection_share` sets the injected-instruction variants of `train`; `val` keeps INJECTION_SHARE so
+    that the evaluation always has such turns."""
     from tqdm import tqdm
 
     experts = list(experts or available_experts())
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     for split, name in (("train", "train.jsonl"), ("val", "eval.jsonl")):
-        share = injection_share if split == "train" else 0.3
+        share = injection_share if split == "train" else INJECTION_SHARE
         specs = choose_specs(split, seed, manifest, scale, out / "images", share)
         rows: list[dict] = []
         for spec in tqdm(specs, desc=f"recording {split} conversations", unit="conv"):
@@ -573,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--injection-share",
         type=float,
-        default=0.3,
+        default=INJECTION_SHARE,
         help="share of the train images that can host one copied with an instruction in its metadata",
     )
     args = parser.parse_args(argv)

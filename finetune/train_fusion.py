@@ -32,7 +32,7 @@ from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, Fus
 from experts.image import load_image
 from experts.registry import available_experts
 from experts.runner import clear_cache, run_experts
-from finetune.data import manifest_items
+from finetune.data import hash_fold, manifest_items
 from finetune.recipe import RecipeConfig, parse_config, ship_weights, start
 
 # Experts whose image-level score repeats another's (the segmenter refines the manipulation expert's
@@ -271,7 +271,8 @@ def balance(records: Sequence[dict], mode: str = "equal") -> np.ndarray:
 
 
 def fold_of(record: dict, folds: int) -> int:
-    return int(hashlib.md5(record["path"].encode()).hexdigest(), 16) % folds
+    """The out-of-fold split of a val record, by its file."""
+    return hash_fold(record["path"], folds)
 
 
 # --------------------------------------------------------------------------------------------------
