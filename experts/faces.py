@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 FACE_SIZE = 256  # side of the aligned crop the classifier sees (FFHQ-style framing)
 CLASSES = ("real", "gan", "blended")  # classifier outputs, in order
 INDICATES = {"gan": "ai_generated", "blended": "manipulated"}
-TRAINED_PREFIXES = ("blocks.4.", "blocks.5.", "blocks.6.", "conv_head.", "bn2.", "classifier.")
-FIRST_TRAINED_BLOCK = 4  # blocks before this one keep their ImageNet weights
+FIRST_TRAINED_BLOCK = 2  # the stem and the blocks before this one keep their ImageNet weights
+TRAINED_PREFIXES = (
+    *(f"blocks.{i}." for i in range(FIRST_TRAINED_BLOCK, 7)),
+    "conv_head.",
+    "bn2.",
+    "classifier.",
+)
 WEIGHTS_NAME = "faces"
 INSTALL_HINT = (
     "pip install --no-deps mediapipe==0.10.21 && pip install absl-py attrs flatbuffers 'protobuf>=4.25.3,<5'"

@@ -87,16 +87,18 @@ def read_face_crops(items: Sequence, labels: Sequence[int], cache: Path | None =
         return FaceCrops.load(cache)
     from finetune.data import read_rgb
 
-    crops, keypoints, kept_labels, paths = [], [], [], []
+    crops, keypoints, kept_labels, paths, faceless = [], [], [], [], []
     for item, label in tqdm(list(zip(items, labels, strict=True)), desc="faces", leave=False):
         found = crop_largest_face(read_rgb(item.file))
         if found is None:
-            log.warning("no face found in %s; skipped", item.path)
+            faceless.append(item.path)
             continue
         crops.append(found[0])
         keypoints.append(found[1])
         kept_labels.append(label)
         paths.append(item.path)
+    if faceless:
+        log.info("no face in %d of %d images (e.g. %s); skipped", len(faceless), len(items), faceless[0])
     result = FaceCrops(
         np.stack(crops), np.stack(keypoints).astype(np.float32), np.array(kept_labels, np.int64), tuple(paths)
     )
@@ -238,17 +240,22 @@ def decode(data: bytes) -> np.ndarray:
 
 @dataclass(frozen=True)
 class EncodeAlike:
-    """Resolution loss, a mirror flip and a JPEG re-encode at a random quality (or lossless PNG), drawn
-    from one distribution for every class. Returns the encoded file, as a file on disk would be."""
+    """Blur (off by default), resolution loss, a mirror flip and a JPEG re-encode at a random quality (or
+    lossless PNG), drawn from one distribution for every class. Returns the encoded file, as a file on
+    disk would be."""
 
     jpeg_quality: tuple[int, int] = (60, 100)
     p_lossless: float = 0.2
     p_resolution: float = 0.3
     resolution: tuple[float, float] = (0.5, 0.9)
     p_flip: float = 0.5
+    p_blur: float = 0.0  # a Gaussian blur over the whole crop, as in a soft or restored photo
+    blur_sigma: tuple[float, float] = (0.5, 2.0)
 
     def __call__(self, rng: np.random.Generator, crop: np.ndarray) -> bytes:
         image = crop
+        if self.p_blur and rng.random() < self.p_blur:
+            image = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(*self.blur_sigma)))
         if rng.random() < self.p_resolution:
             scale = float(rng.uniform(*self.resolution))
             size = image.shape[1], image.shape[0]

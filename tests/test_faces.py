@@ -105,3 +105,49 @@ def test_black_and_white_photo_is_not_judged(astronaut):
     evidence = get_expert("faces").analyze(load_image(grey))
     assert not evidence.applicable and "black and white" in evidence.summary
     assert len(evidence.details["faces"]) == 1
+
+
+def test_training_draws_fresh_self_blends_each_epoch(astronaut):
+    """finetune.train_faces pairs every real face with a self-blend of it, fixed by (seed, epoch) so a
+    resumed run sees the same data, and different in every epoch."""
+    from finetune.faces import FaceCrops, crop_largest_face
+    from finetune.train_faces import FacesConfig, _encoder, epoch_files
+
+    crop, keypoints = crop_largest_face(astronaut)
+    crops = FaceCrops(
+        np.stack([crop, crop]), np.stack([keypoints, keypoints]), np.array([0, 1]), ("real.png", "gan.png")
+    )
+    config = FacesConfig()
+    files, labels = epoch_files(crops, config, 0, _encoder(config))
+    assert labels.tolist() == [0, 2, 1]  # real, its self-blend, GAN
+    assert epoch_files(crops, config, 0, _encoder(config))[0] == files
+    assert epoch_files(crops, config, 1, _encoder(config))[0] != files
+
+
+def test_training_keeps_the_frozen_stem_in_eval_mode():
+    from experts.faces import FIRST_TRAINED_BLOCK, build_classifier
+    from finetune.train_faces import train_mode
+
+    model = build_classifier(pretrained=False)
+    train_mode(model)
+    assert not model.bn1.training and not model.blocks[FIRST_TRAINED_BLOCK - 1].training
+    assert model.blocks[FIRST_TRAINED_BLOCK].training and model.classifier.training
+
+
+def test_calibration_raises_the_bar_for_calling_a_real_face_fake(astronaut):
+    """finetune.train_faces.calibrate shifts the fake log-odds so that at most the given share of real
+    faces scores >= 0.5 (give or take one face: the shift is applied before the mirror average)."""
+    from experts.faces import build_classifier
+    from finetune.faces import REAL, crop_largest_face, item_rng
+    from finetune.train_faces import FacesConfig, _encoder, calibrate, predict
+
+    crop, _ = crop_largest_face(astronaut)
+    files = [_encoder(FacesConfig())(item_rng(0, str(i)), crop) for i in range(8)]
+    labels = np.full(8, REAL)
+    model = build_classifier(pretrained=False)
+    before = 1 - predict(model, files)[:, REAL]
+    offset = calibrate(model, files, labels, 0.25)
+    after = 1 - predict(model, files)[:, REAL]
+    assert offset >= 0
+    assert (after >= 0.5).sum() <= 2 + 1
+    assert np.all(after <= before + 1e-6)
