@@ -129,6 +129,21 @@ def test_editing_software_alone_accuses_nobody():
     assert fuse(without, SHAPE, model).label == "authentic"
 
 
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_one_face_judged_fake_alone_convicts_nobody():
+    """Fitted on portrait val sets, the face expert's weight came out 6.2 and one pristine Kodak photo
+    (face 0.93, every other expert quiet) was accused at 0.87. Its weight is fixed by design so that a
+    fake face alone leaves a photo short of "manipulated"; with the AI-image expert agreeing (a
+    generated face), it convicts."""
+    model = fusion_model()
+    typical = {"manipulation": 0.7, "ai_generated": 0.03, "faces": 0.93}  # kodim15's scores
+    alone = [evidence(name, typical.get(name, 0.0)) for name in model.experts]
+    assert fuse(alone, SHAPE, model).label in ("authentic", "uncertain")
+    generated = {**typical, "faces": 0.99, "ai_generated": 0.9}
+    agreed = [evidence(name, generated.get(name, 0.0)) for name in model.experts]
+    assert fuse(agreed, SHAPE, model).label != "authentic"
+
+
 def test_sample_weights_balance_data_sets_and_classes_as_asked():
     from finetune.train_fusion import balance
 
