@@ -156,8 +156,8 @@ def calibrate(
     model: nn.Module, files: Sequence[bytes], labels: np.ndarray, max_real_called_fake: float
 ) -> float:
     """Raise the real class's bias until at most `max_real_called_fake` of the real faces in `files`
-    score >= 0.5 as fake (a shift of the fake log-odds, so the ranking and the AUC do not change). Returns
-    the shift; 0 when the classifier is already that cautious (it is never made bolder)."""
+    score >= 0.5 as fake (a shift of the fake log-odds before the mirror average, so the ranking barely
+    changes). Returns the shift; 0 when the classifier is already that cautious (never made bolder)."""
     fake = np.clip(1.0 - predict(model, files)[:, REAL], 1e-6, 1 - 1e-6)
     log_odds = np.log(fake) - np.log1p(-fake)
     offset = max(0.0, float(np.quantile(log_odds[labels == REAL], 1.0 - max_real_called_fake)))
@@ -308,7 +308,7 @@ blocks 0-{FIRST_TRAINED_BLOCK - 1} come from the package at load time.
   {best_epoch}); `test` never read.
 - Calibration on `val`, after selection: the real class's bias is raised so that at most
   {config.max_real_called_fake:.0%} of the real val faces score 0.5 or more as fake (a shift of the
-  log-odds; the AUC does not change).
+  log-odds; the AUC barely changes).
 
 ## Normalisation (same for every class)
 
