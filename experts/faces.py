@@ -266,19 +266,25 @@ def _classifier() -> torch.nn.Module:
     return model.eval()
 
 
+def class_probabilities(
+    model: torch.nn.Module, batch: torch.Tensor, flip_average: bool = True
+) -> torch.Tensor:
+    """Softmax over CLASSES for a normalised batch, averaged over each face and its mirror image; the
+    one definition the expert and the training recipe's validation share."""
+    if flip_average:
+        both = torch.softmax(model(torch.cat([batch, batch.flip(-1)])).float(), dim=1)
+        return 0.5 * (both[: len(batch)] + both[len(batch) :])
+    return torch.softmax(model(batch).float(), dim=1)
+
+
 def classify_crops(crops: np.ndarray, flip_average: bool = True) -> np.ndarray:
     """Class probabilities (n, 3) in CLASSES order for aligned uint8 crops (n, FACE_SIZE, FACE_SIZE, 3)."""
     from experts.backbone import normalise
 
     with _MODEL_LOCK:
         model = _classifier()
-    batch = normalise(crops)
-    if flip_average:
-        batch = torch.cat([batch, batch.flip(-1)])
     with torch.inference_mode():
-        probabilities = torch.softmax(model(batch).float(), dim=1).numpy()
-    if flip_average:
-        probabilities = 0.5 * (probabilities[: len(crops)] + probabilities[len(crops) :])
+        probabilities = class_probabilities(model, normalise(crops), flip_average).numpy()
     return probabilities.astype(np.float64)
 
 

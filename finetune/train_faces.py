@@ -32,6 +32,7 @@ from experts.faces import (
     FIRST_TRAINED_BLOCK,
     TRAINED_PREFIXES,
     build_classifier,
+    class_probabilities,
     head_logits,
     stem_features,
     trained_state,
@@ -144,11 +145,7 @@ def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def predict(model: nn.Module, files: Sequence[bytes], batch: int = 64) -> np.ndarray:
     """Class probabilities averaged over each face and its mirror image, as the expert computes them."""
     model.eval()
-    outputs = []
-    for i in range(0, len(files), batch):
-        images = pixels(files[i : i + batch])
-        both = torch.softmax(logits(model, torch.cat([images, images.flip(-1)])), 1)
-        outputs.append(0.5 * (both[: len(images)] + both[len(images) :]))
+    outputs = [class_probabilities(model, pixels(files[i : i + batch])) for i in range(0, len(files), batch)]
     return torch.cat(outputs).numpy()
 
 
