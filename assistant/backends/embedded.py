@@ -18,6 +18,7 @@ user's cache directory; later loads read that copy in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -420,6 +422,23 @@ class EmbeddedBackend:
             self._cached_ids, self._cache = fed, output.past_key_values
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading the model prints neither transformers' per-weight progress bar nor the deprecation
+    warning peft triggers (`is_gradient_checkpointing`): noise in a terminal answer, not news."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 def load_embedded(
     adapter: str | Path | None = None,
     device: str | None = None,
@@ -448,18 +467,18 @@ def load_embedded(
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     threads = configure_threads() if device == "cpu" else None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    language_model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-    )
-
     projector_file, found_adapter = find_trained_weights(Path(weights_dir) if weights_dir else None)
     adapter_dir = Path(adapter) if adapter is not None else found_adapter
-    if adapter_dir is not None:
-        from peft import PeftModel
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        )
+        if adapter_dir is not None:
+            from peft import PeftModel
 
-        # Merged into the base weights: inference then runs at the base model's speed.
-        language_model = PeftModel.from_pretrained(language_model, adapter_dir).merge_and_unload()
+            # Merged into the base weights: inference then runs at the base model's speed.
+            language_model = PeftModel.from_pretrained(language_model, adapter_dir).merge_and_unload()
     language_model.to(device).eval()
 
     hidden = language_model.config.hidden_size
