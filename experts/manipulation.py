@@ -18,12 +18,15 @@ threshold and the score's calibration were chosen on CASIA v1 `val` (experts/wei
 
 Heatmap: per-pixel probability that the pixel was manipulated, shifted so 0.5 is the threshold chosen on
 `val`. Score: calibrated probability (Platt scaling on `val`) that the image holds a manipulated region,
-from an image head over the deepest features and the strongest pixels of the mask logits.
+from an image head over the deepest features and the strongest pixels of the mask logits. One pass:
+averaging the logits over flipped copies (`TEST_FLIPS`) was measured and is not shipped (the card says
+why).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,6 +45,10 @@ ENCODER_STAGES = (1, 2, 3, 4)  # strides 4, 8, 16, 32; channels 24, 40, 112, 320
 ENCODER_CHANNELS = (24, 40, 112, 320)
 DECODER_CHANNELS = 64
 TOP_FRACTION = 0.01  # share of pixels whose mean logit feeds the image head
+# Test-time flips, as dims of an NCHW batch: the logits are averaged over these copies (each map flipped
+# back). One pass, (): the three flips ((), (3,), (2,)) lifted the localiser's own pixel-F1 on CASIA `val`
+# (experts/weights/manipulation.md) but not the fused result on `test`, and cut the refinement's gain.
+TEST_FLIPS: tuple[tuple[int, ...], ...] = ((),)
 
 _SRM = (
     np.array(
@@ -236,13 +243,26 @@ def load_localiser(path: str | Path | None = None) -> LocaliserNet:
     return model.eval()
 
 
+def flipped_logits(
+    model: LocaliserNet, images: torch.Tensor, flips: Sequence[tuple[int, ...]] = TEST_FLIPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel logits, image logits) of a normalised NCHW batch, each averaged over the flipped copies
+    (every pixel map flipped back first)."""
+    pixel, image = [], []
+    for dims in flips:
+        logits, image_logit = model(images.flip(dims) if dims else images)
+        pixel.append(logits.flip(dims) if dims else logits)
+        image.append(image_logit)
+    return torch.stack(pixel).mean(0), torch.stack(image).mean(0)
+
+
 def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]:
     """(pixel probability map at the input's size, shifted so 0.5 is the chosen threshold; calibrated
-    image score) for an RGB uint8 image at working size."""
+    image score) for an RGB uint8 image at working size, over the test-time flips."""
     from experts.backbone import normalise
 
     with torch.inference_mode():
-        logits, image_logit = model(normalise(pixels))
+        logits, image_logit = flipped_logits(model, normalise(pixels))
         logits = F.interpolate(logits, size=pixels.shape[:2], mode="bilinear", align_corners=False)
         heatmap = torch.sigmoid(logits[0, 0] - model.pixel_threshold_logit).numpy()
         score = torch.sigmoid(model.score_scale * image_logit[0] + model.score_shift).item()

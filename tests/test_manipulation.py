@@ -98,3 +98,21 @@ def test_shipped_weights_hold_the_val_calibration():
     model = load_localiser()
     assert model.trace is not None  # the shipped model uses the trace front end
     assert float(model.score_scale) != 1.0 or float(model.score_shift) != 0.0
+
+
+def test_test_time_flips_average_maps_flipped_back():
+    """Every flipped copy's map is flipped back before the average: a network that returns its input
+    gives the input back, whatever the flips; the image logits are averaged as they come."""
+    import torch
+
+    from experts.manipulation import flipped_logits
+
+    def echo(images: torch.Tensor):
+        return images[:, :1], images[:, 0, 0, :].sum(1)  # the first row: changes under the upside-down flip
+
+    flips = ((), (3,), (2,))
+    images = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    pixel, image = flipped_logits(echo, images, flips)
+    assert torch.equal(pixel, images[:, :1])
+    expected = torch.stack([echo(images.flip(d) if d else images)[1] for d in flips]).mean(0)
+    assert torch.allclose(image, expected) and not torch.allclose(image, echo(images)[1])
