@@ -272,16 +272,22 @@ class EncodeAlike:
 
 
 def normalised_set(
-    crops: FaceCrops, seed: int, variants: int, encode: EncodeAlike, blended_per_real: int = 1
+    crops: FaceCrops,
+    seed: int,
+    variants: int,
+    encode: EncodeAlike,
+    blended_per_real: int = 1,
+    draw: str = "{path}|{variant}|{index}",
 ) -> tuple[list[bytes], np.ndarray]:
     """Encoded files and labels: `variants` normalised copies of every crop, plus, for every real crop,
-    `blended_per_real` self-blended fakes per variant, all through the same `encode`."""
+    `blended_per_real` self-blended fakes per variant, all through the same `encode`. Each copy's
+    randomness is fixed by (seed, `draw` filled in with the crop's path, variant and index)."""
     files, labels = [], []
     for index, (crop, points, label, path) in enumerate(
         zip(crops.crops, crops.keypoints, crops.labels, crops.paths, strict=True)
     ):
         for variant in range(variants):
-            rng = item_rng(seed, f"{path}|{variant}|{index}")
+            rng = item_rng(seed, draw.format(path=path, variant=variant, index=index))
             files.append(encode(rng, crop))
             labels.append(int(label))
             if label == REAL:

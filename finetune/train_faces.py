@@ -46,10 +46,8 @@ from finetune.faces import (
     FaceCrops,
     decode,
     format_baseline,
-    item_rng,
     normalised_set,
     read_face_crops,
-    self_blend,
 )
 from finetune.recipe import Checkpoints, RecipeConfig, parse_config, ship_weights, start
 
@@ -110,16 +108,8 @@ def epoch_files(
     """One epoch's training files, drawn fresh (Shiohara & Yamasaki draw a new self-blend every time a
     face is seen): every face once, normalised, and beside every real face a self-blended fake of it,
     all through the same `encode`. Fixed by (seed, epoch), so a resumed run sees the same data."""
-    files, labels = [], []
-    for index, (crop, points, label, path) in enumerate(
-        zip(crops.crops, crops.keypoints, crops.labels, crops.paths, strict=True)
-    ):
-        rng = item_rng(config.seed, f"{path}|{index}|epoch {epoch}")
-        files.append(encode(rng, crop))
-        labels.append(int(label))
-        if label == REAL:
-            files.append(encode(rng, self_blend(rng, crop, points)[0]))
-            labels.append(BLENDED)
+    draw = "{path}|{index}|epoch " + str(epoch)
+    files, labels = normalised_set(crops, config.seed, 1, encode, draw=draw)
     return files, torch.as_tensor(labels)
 
 
