@@ -82,6 +82,7 @@ class AssistantConfig(RecipeConfig):
     max_steps: int = 0  # 0: from epochs
     max_minutes: float = 0.0  # stop (and ship) after this long; 0: no limit
     pack: bool = True  # one sequence per turn, loss on each of its targets (pack_turns)
+    plan_weight: float = 1.0  # loss weight of tool-call tokens against answer tokens in a turn's sequence
     dev_fraction: float = 0.08  # conversations held out (by source image) for the eval loss
     eval_every: int = 20
     checkpoint_every: int = 10
@@ -188,13 +189,15 @@ class Trainee:
         messages = [message_from_dict(m, pixels) for m in record["messages"]]
         target = self.tokenizer(record["target"], add_special_tokens=False)["input_ids"] + self.end_ids
         group = f"{record.get('conversation', record['id'])}|{record.get('turn', 0)}"
+        plan = record["target"].lstrip().startswith("<tool_call>")
         if self.embedded:
             segments, images = self.backend.prompt_segments(messages, tools)
-            return Example(record["id"], [s.cpu() for s in segments], list(images), target, None, group=group)
+            segments = [s.cpu() for s in segments]
+            return Example(record["id"], segments, list(images), target, None, group=group, plan=plan)
         inputs = self.backend.inputs(messages, tools)
         ids = inputs.pop("input_ids")[0].cpu()
         inputs.pop("attention_mask", None)
-        return Example(record["id"], [ids], [], target, dict(inputs))
+        return Example(record["id"], [ids], [], target, dict(inputs), plan=plan)
 
     # -- forward passes ---------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class Trainee:
             hidden = self._inner()(inputs_embeds=embeds).last_hidden_state
             if example.earlier:
                 inputs, labels = example.positions()
-                return self._loss_at(hidden[0], inputs, labels)
+                return self._loss_at(hidden[0], inputs, labels, example.weights(self.config.plan_weight))
             return self._target_loss(hidden[0], target)
         prompt = example.segments[0].to(self.device)
         ids = torch.cat([prompt, target[:-1]])[None]
@@ -222,12 +225,17 @@ class Trainee:
         logits = output.logits[0, -len(example.target) :]
         return torch.nn.functional.cross_entropy(logits.float(), target)
 
-    def _loss_at(self, hidden: torch.Tensor, inputs: Sequence[int], labels: Sequence[int]) -> torch.Tensor:
+    def _loss_at(
+        self, hidden: torch.Tensor, inputs: Sequence[int], labels: Sequence[int], weights: Sequence[float]
+    ) -> torch.Tensor:
+        """Cross-entropy at these positions, the weighted mean over their labels."""
         head = self.language_model.get_output_embeddings()
         logits = head(hidden[torch.tensor(list(inputs), device=hidden.device)])
-        return torch.nn.functional.cross_entropy(
-            logits.float(), torch.tensor(list(labels), device=hidden.device)
+        losses = torch.nn.functional.cross_entropy(
+            logits.float(), torch.tensor(list(labels), device=hidden.device), reduction="none"
         )
+        weights = torch.tensor(list(weights), dtype=losses.dtype, device=hidden.device)
+        return (losses * weights).sum() / weights.sum()
 
     def _target_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Logits only where a target token is predicted: the last len(target) positions."""
@@ -247,6 +255,7 @@ class Example:
     # the model wrote at an earlier step is also trained here, where its prompt is a prefix (pack_turns).
     earlier: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     group: str = ""  # (conversation, turn): the examples that pack_turns may merge
+    plan: bool = False  # the target is a tool call (every earlier target of a turn is one)
 
     @property
     def length(self) -> int:
@@ -263,6 +272,11 @@ class Example:
         inputs += range(len(ids) - 1, len(ids) - 1 + len(self.target))
         labels += self.target
         return inputs, labels
+
+    def weights(self, plan_weight: float) -> list[float]:
+        """The loss weight of each label of positions(): plan_weight on tool calls, 1 on the answer."""
+        planned = sum(stop - first for first, stop in self.earlier)
+        return [plan_weight] * planned + [plan_weight if self.plan else 1.0] * len(self.target)
 
 
 def pack_turns(examples: Sequence[Example]) -> list[Example]:
@@ -409,7 +423,8 @@ class FrozenLowerLayers:
         hidden = self.trainee._inner().norm(self._top(hidden, start, cache))
         inputs, labels = example.positions()
         cut = self.cut[example.id]
-        return self.trainee._loss_at(hidden[0], [i - cut for i in inputs], labels)
+        weights = example.weights(self.trainee.config.plan_weight)
+        return self.trainee._loss_at(hidden[0], [i - cut for i in inputs], labels, weights)
 
 
 def _chunks(examples: Sequence[Example], size: int, key) -> list[list[Example]]:

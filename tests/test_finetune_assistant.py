@@ -236,10 +236,18 @@ def test_the_recipe_trains_the_embedded_model_with_cached_lower_layers(
     assert packed.earlier == [(start, start + len(plan.target))]
     inputs, labels = packed.positions()
     assert labels == plan.target + answer.target and len(inputs) == len(labels)
+    assert plan.plan and not answer.plan  # --plan-weight weighs the call's tokens, not the answer's
+    assert packed.weights(3.0) == [3.0] * len(plan.target) + [1.0] * len(answer.target)
     cached = FrozenLowerLayers(trainee, len(trainee.layers()) - 2)
     cached.fill([packed], progress=False)
     with torch.no_grad():  # the cached lower layers give exactly the full model's loss
-        assert float(cached.loss(packed)) == pytest.approx(float(trainee.loss(packed)), rel=1e-4)
+        unweighted = float(cached.loss(packed))
+        assert unweighted == pytest.approx(float(trainee.loss(packed)), rel=1e-4)
+        trainee.config.plan_weight = 3.0  # the call's tokens weigh more: a different loss, still exact
+        weighted = float(cached.loss(packed))
+        assert weighted == pytest.approx(float(trainee.loss(packed)), rel=1e-4)
+        assert weighted != pytest.approx(unweighted, rel=1e-3)
+        trainee.config.plan_weight = 1.0
     summary = train(config, records)
     assert summary["steps"] == 2 and summary["examples"] == 1 and summary["targets"] == 2
     lora = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
