@@ -17,7 +17,9 @@ lost 0.004; with the first, undertrained localiser (whose map covered about 45% 
 prompt was what hurt. The segmenter is the distilled student (experts/student.py) by default; any
 object with SAM's predictor interface and `mask_input_from` (e.g. experts.sam.SamTeacher) works.
 
-Score: the manipulation localiser's own score (refinement changes where, not whether).
+Score: the manipulation localiser's own score (refinement changes where, not whether); each refined
+region is scored by the localiser's heatmap inside it, since the segmenter's own probability says "part
+of this object", not "edited".
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def refine(
 @dataclass(frozen=True)
 class RefinedLocalisation:
     name = "segmenter"
-    version = "3"
+    version = "4"
     description = (
         "Refined localisation: the learned manipulation localiser's regions re-drawn along object edges "
         "by a promptable segmenter (a distilled SAM student) given each region's box."
@@ -196,7 +198,9 @@ class RefinedLocalisation:
             summary=summary,
             heatmap=result.probability,
             mask=result.mask,
-            regions=regions_from_mask(result.mask, result.probability, "edited region (refined)"),
+            regions=regions_from_mask(
+                result.mask, resize_map(coarse.heatmap, result.mask.shape), "edited region (refined)"
+            ),
             details=details,
             version=self.version,
         )

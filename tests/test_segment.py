@@ -317,3 +317,24 @@ def test_the_refined_regions_can_come_from_the_coarse_heatmap_at_another_thresho
     strict = RefinedLocalisation(threshold=0.999).analyze(image).details["components"]
     assert own_mask and at_half and len(strict) <= len(at_half)
     assert sum(c["coarse_fraction"] for c in strict) < sum(c["coarse_fraction"] for c in at_half)
+
+
+@needs_student
+@pytest.mark.skipif(not available("manipulation"), reason="the manipulation localiser is not trained yet")
+def test_each_refined_region_is_scored_by_the_localisers_heatmap_inside_it():
+    """The segmenter's probability says "part of this object", not "edited": a weak region of the
+    localiser stays weak after it is re-drawn."""
+    from experts.image import load_image
+    from experts.maps import resize_map
+    from experts.refine import RefinedLocalisation
+    from experts.runner import run_expert
+
+    image = load_image(splice().data)
+    refined = RefinedLocalisation().analyze(image)
+    heat = resize_map(run_expert(image, "manipulation").heatmap, refined.mask.shape)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(refined.mask.astype(np.uint8), connectivity=8)
+    boxes = {(int(x), int(y), int(x + w), int(y + h)): i for i, (x, y, w, h, _) in enumerate(stats)}
+    assert refined.regions
+    for region in refined.regions:
+        inside = labels == boxes[region.bbox]
+        assert region.score == pytest.approx(float(heat[inside].mean()), abs=1e-4)
