@@ -23,7 +23,10 @@ CASIA `val` and rescaled so that 0.5 is the threshold that gave the best pixel-F
 mask is that heatmap at 0.5.
 
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. With fewer
-than MIN_EXPERTS_TO_CLEAR experts able to examine the image, nothing is cleared.
+than MIN_EXPERTS_TO_CLEAR experts able to examine the image, nothing is cleared. On a photo (larger
+than a thumbnail) the AI-image detector alone cannot convict: it is validated on thumbnails, not on
+photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so without a second
+expert pointing to synthesis its contribution stops at the uncertain band's upper edge.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import numpy as np
@@ -42,6 +45,11 @@ UNCERTAIN_BAND = (0.35, 0.65)
 MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's own mask is worth naming when its score is this high
 WEIGHTS_NAME = "fusion"
+# A lone witness: on an image whose short side is over THUMBNAIL_SIDE, this detector convicts only
+# with a second expert that points to synthesis with a score of at least CORROBORATION_SCORE.
+LONE_DETECTOR = "ai_generated"
+THUMBNAIL_SIDE = 64
+CORROBORATION_SCORE = 0.5
 
 # Provenance in log-odds: tampered or forged provenance prosecutes; intact provenance defends, by at
 # most half of the evidence against when there is some.
@@ -197,6 +205,8 @@ def fuse(
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
     drivers = model.contributions(evidence)
+    if min(shape) > THUMBNAIL_SIDE and not _corroborated(evidence):
+        drivers = _held_below(drivers, LONE_DETECTOR, band[1], model)
     probability = model.probability(drivers)
     drivers.sort(key=lambda d: abs(d.contribution), reverse=True)
     examined = [d for d in drivers if d.expert in model.experts or d.expert in PROVENANCE_EXPERTS]
@@ -232,10 +242,39 @@ def _kind(evidence: Sequence[Evidence], drivers: Sequence[Driver]) -> str:
     return "ai_generated" if synthesis > editing else "manipulated"
 
 
+def _corroborated(evidence: Sequence[Evidence]) -> bool:
+    """Whether another expert than LONE_DETECTOR points to synthesis (a generated face, a generator's
+    frequency peaks, watermark, metadata or Content Credentials)."""
+    return any(
+        e.applicable
+        and e.expert != LONE_DETECTOR
+        and e.indicates == "ai_generated"
+        and (e.score or 0.0) >= CORROBORATION_SCORE
+        for e in evidence
+    )
+
+
+def _held_below(drivers: list[Driver], expert: str, high: float, model: FusionModel) -> list[Driver]:
+    """The drivers with `expert`'s contribution cut so that it raises the probability at most to `high`
+    (not at all when the others already pass it)."""
+    held = next((d for d in drivers if d.expert == expert and d.contribution > 0), None)
+    if held is None:
+        return drivers
+    others = [d for d in drivers if d is not held]
+    room = _logit(high) - _logit(model.probability(others))
+    contribution = min(held.contribution, math.floor(max(room, 0.0) * 1e4) / 1e4)  # rounded down
+    return [*others, replace(held, contribution=contribution)]
+
+
 def _provenance_logit(item: Evidence) -> float:
     if item.details.get("supports_authentic"):
         return -PROVENANCE_DEFENCE * (1.0 - float(item.score or 0.0))
     return PROVENANCE_PROSECUTION * float(item.score or 0.0)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
 
 
 def _sigmoid(x: float) -> float:
