@@ -200,13 +200,15 @@ def fuse(
     shape: tuple[int, int],
     model: FusionModel | None = None,
     uncertain_band: tuple[float, float] | None = None,
+    lone_detector: str | None = LONE_DETECTOR,
 ) -> Verdict:
-    """Combine evidence for an image of the given (height, width) into a Verdict."""
+    """Combine evidence for an image of the given (height, width) into a Verdict. `lone_detector`: the
+    expert that cannot convict a photo alone (None: no such rule, to measure what it changes)."""
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
     drivers = model.contributions(evidence)
-    if min(shape) > THUMBNAIL_SIDE and not _corroborated(evidence):
-        drivers = _held_below(drivers, LONE_DETECTOR, band[1], model)
+    if lone_detector and min(shape) > THUMBNAIL_SIDE and not _corroborated(evidence, lone_detector):
+        drivers = _held_below(drivers, lone_detector, band[1], model)
     probability = model.probability(drivers)
     drivers.sort(key=lambda d: abs(d.contribution), reverse=True)
     examined = [d for d in drivers if d.expert in model.experts or d.expert in PROVENANCE_EXPERTS]
@@ -242,12 +244,12 @@ def _kind(evidence: Sequence[Evidence], drivers: Sequence[Driver]) -> str:
     return "ai_generated" if synthesis > editing else "manipulated"
 
 
-def _corroborated(evidence: Sequence[Evidence]) -> bool:
-    """Whether another expert than LONE_DETECTOR points to synthesis (a generated face, a generator's
+def _corroborated(evidence: Sequence[Evidence], detector: str) -> bool:
+    """Whether another expert than `detector` points to synthesis (a generated face, a generator's
     frequency peaks, watermark, metadata or Content Credentials)."""
     return any(
         e.applicable
-        and e.expert != LONE_DETECTOR
+        and e.expert != detector
         and e.indicates == "ai_generated"
         and (e.score or 0.0) >= CORROBORATION_SCORE
         for e in evidence

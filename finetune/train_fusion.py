@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from assistant.evaluate import fit_mask, limit_items, read_mask, transform_image
+from assistant.evaluate import _scaled_size, fit_mask, limit_items, read_mask, transform_image
 from assistant.metrics import expected_calibration_error, f1_score, roc_auc
-from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, FusionModel
+from experts.base import Evidence
+from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, FusionModel, fuse
 from experts.image import load_image
 from experts.registry import available_experts
 from experts.runner import clear_cache, run_experts
@@ -99,10 +100,23 @@ def collect(config: FusionConfig) -> list[dict]:
             record["stamps"].update({n: stamps[n] for n in stale})
             _save(file, record)
             clear_cache()  # the runner's cache would only hold maps of images never seen again
+        record.setdefault("shape", _shape(item.file, variant))
         record["experts"] = {n: record["experts"][n] for n in experts}
         record["maps"] = {n: m for n, m in record["maps"].items() if n in experts}
         records.append(record)
     return records
+
+
+def _shape(file: Path, variant: str) -> list[int]:
+    """(height, width) of the image the experts saw: the file's size after the variant's resize."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        width, height = image.size
+    _, scale = VARIANTS[variant]
+    if scale is not None:
+        width, height = _scaled_size((height, width), scale)
+    return [height, width]
 
 
 def _stamp(name: str) -> str:
@@ -389,9 +403,35 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
         expected_calibration_error(labels, probability), 4
     )
     scores["temperature"] = round(temperature, 4)
+    scores.update(val_verdicts(model, records))
     scores["pixel threshold (best mean pixel-F1 on CASIA val)"] = threshold
     scores["CASIA val mean pixel-F1 of the fused heatmap at that threshold"] = round(max(f1s), 4)
     return model, scores
+
+
+def val_verdicts(model: FusionModel, records: Sequence[dict]) -> dict[str, str]:
+    """How fuse() labels the val images with this model, per data set and class (variants pooled):
+    "accused / uncertain / cleared", and the accused without the lone-detector rule (experts/fusion.py).
+    In-sample: the model was fitted on these images."""
+    counts: dict[str, list[int]] = {}
+    for record in records:
+        evidence = [
+            Evidence(name, e["score"], e["applicable"], "val", details={"indicates": e["indicates"]})
+            for name, e in record["experts"].items()
+        ]
+        shape = tuple(record["shape"])
+        label = fuse(evidence, shape, model).label
+        alone = fuse(evidence, shape, model, lone_detector=None).label
+        key = f"{record['dataset']} {'positive' if record['positive'] else 'negative'}"
+        row = counts.setdefault(key, [0, 0, 0, 0])
+        row[{"manipulated": 0, "ai_generated": 0, "uncertain": 1, "authentic": 2}[label]] += 1
+        row[3] += alone in ("manipulated", "ai_generated")
+    return {
+        f"{key} val verdicts: accused / uncertain / cleared (accused without the lone-detector rule)": (
+            f"{a} / {u} / {c} ({before})"
+        )
+        for key, (a, u, c, before) in sorted(counts.items())
+    }
 
 
 CARD = """# Calibrated fusion

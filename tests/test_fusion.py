@@ -184,3 +184,21 @@ def test_sample_weights_balance_data_sets_and_classes_as_asked():
     assert none == pytest.approx(np.ones(5))
     with pytest.raises(ValueError):
         balance(records, "uniform")
+
+
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_val_verdicts_count_labels_with_and_without_the_lone_detector_rule():
+    from finetune.train_fusion import val_verdicts
+
+    model = fusion_model()
+
+    def record(dataset: str, positive: bool, shape: list[int], ai: float) -> dict:
+        experts = {n: {"applicable": True, "score": 0.0, "indicates": "manipulated"} for n in model.experts}
+        experts["faces"] = {"applicable": False, "score": None, "indicates": "manipulated"}
+        experts["ai_generated"] = {"applicable": True, "score": ai, "indicates": "ai_generated"}
+        return {"dataset": dataset, "positive": positive, "shape": shape, "experts": experts}
+
+    records = [record("photos", False, [300, 451], 0.99), record("photos", False, [300, 451], 0.0)]
+    records.append(record("thumbnails", True, [32, 32], 0.99))
+    counts = {key.split(" val")[0]: value for key, value in val_verdicts(model, records).items()}
+    assert counts == {"photos negative": "0 / 1 / 1 (1)", "thumbnails positive": "1 / 0 / 0 (1)"}
