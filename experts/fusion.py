@@ -24,9 +24,11 @@ mask is that heatmap at 0.5.
 
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. With fewer
 than MIN_EXPERTS_TO_CLEAR experts able to examine the image, nothing is cleared. On a photo (larger
-than a thumbnail) the AI-image detector alone cannot convict: it is validated on thumbnails, not on
-photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so without a second
-expert pointing to synthesis its contribution stops at the uncertain band's upper edge.
+than a thumbnail) the AI-image detector alone cannot make the verdict "AI-generated": it is validated
+on thumbnails, not on photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so
+when the evidence against is mostly its own and no second expert points to synthesis, its
+contribution stops at the uncertain band's upper edge. (Beside editing evidence that outweighs it, it
+still counts as fitted.)
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ UNCERTAIN_BAND = (0.35, 0.65)
 MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's own mask is worth naming when its score is this high
 WEIGHTS_NAME = "fusion"
-# A lone witness: on an image whose short side is over THUMBNAIL_SIDE, this detector convicts only
-# with a second expert that points to synthesis with a score of at least CORROBORATION_SCORE.
+# A lone witness: on an image whose short side is over THUMBNAIL_SIDE, this detector makes a verdict
+# "AI-generated" only with a second expert that points to synthesis with a score of at least
+# CORROBORATION_SCORE.
 LONE_DETECTOR = "ai_generated"
 THUMBNAIL_SIDE = 64
 CORROBORATION_SCORE = 0.5
@@ -207,7 +210,7 @@ def fuse(
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
     drivers = model.contributions(evidence)
-    if lone_detector and min(shape) > THUMBNAIL_SIDE and not _corroborated(evidence, lone_detector):
+    if lone_detector and _lone_witness(evidence, drivers, shape, lone_detector):
         drivers = _held_below(drivers, lone_detector, band[1], model)
     probability = model.probability(drivers)
     drivers.sort(key=lambda d: abs(d.contribution), reverse=True)
@@ -244,16 +247,20 @@ def _kind(evidence: Sequence[Evidence], drivers: Sequence[Driver]) -> str:
     return "ai_generated" if synthesis > editing else "manipulated"
 
 
-def _corroborated(evidence: Sequence[Evidence], detector: str) -> bool:
-    """Whether another expert than `detector` points to synthesis (a generated face, a generator's
-    frequency peaks, watermark, metadata or Content Credentials)."""
-    return any(
+def _lone_witness(
+    evidence: Sequence[Evidence], drivers: Sequence[Driver], shape: tuple[int, int], detector: str
+) -> bool:
+    """Whether, on a photo, the evidence against would make it "AI-generated" on `detector`'s word:
+    no other expert points to synthesis (a generated face, a generator's frequency peaks, watermark,
+    metadata or Content Credentials)."""
+    seconded = any(
         e.applicable
         and e.expert != detector
         and e.indicates == "ai_generated"
         and (e.score or 0.0) >= CORROBORATION_SCORE
         for e in evidence
     )
+    return min(shape) > THUMBNAIL_SIDE and not seconded and _kind(evidence, drivers) == "ai_generated"
 
 
 def _held_below(drivers: list[Driver], expert: str, high: float, model: FusionModel) -> list[Driver]:

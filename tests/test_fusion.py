@@ -145,11 +145,11 @@ def test_one_face_judged_fake_alone_convicts_nobody():
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
-def test_the_ai_image_detector_alone_cannot_convict_a_photo():
+def test_the_ai_image_detector_alone_cannot_make_a_photo_ai_generated():
     """On photos from cameras it never saw the AI-image detector errs (the skimage cat scored 0.99, a
     Canon photo 0.75, with every other expert quiet): alone it takes a photo to the uncertain band's
     upper edge, not past it. A second expert pointing to synthesis, or a thumbnail (CIFAKE, where it is
-    validated), lets it convict; the others' evidence keeps its own weight."""
+    validated), lets it convict; beside editing evidence that outweighs it, it counts as fitted."""
     model = fusion_model()
     high = model.uncertain_band[1]
     quiet = {"manipulation": 0.4, "ai_generated": 0.99, "faces": None}  # chelsea's scores, rounded
@@ -168,10 +168,9 @@ def test_the_ai_image_detector_alone_cannot_convict_a_photo():
     assert fuse(found, (32, 32), model).label == "ai_generated"
     assert fuse(scored({**quiet, "frequency": 0.8}), (300, 451), model).label == "ai_generated"
     assert fuse(scored({}), (300, 451), model).label == "authentic"  # nothing to hold back
-    edited = {"copy_move": 0.99, "ai_generated": 0.99}  # the others convict: the detector adds nothing
+    edited = {"copy_move": 0.99, "ai_generated": 0.99}  # a duplicated region outweighs the detector
     both = fuse(scored(edited), (300, 451), model)
-    without = {d.expert: d.contribution for d in both.drivers}
-    assert both.label == "manipulated" and without["ai_generated"] == 0.0
+    assert both.label == "manipulated" and both.probability > 0.99
 
 
 def test_sample_weights_balance_data_sets_and_classes_as_asked():
