@@ -452,13 +452,13 @@ showed on pristine `test` photos, so the pristine figures are not independent of
 nothing is fitted on `test`.
 
 A rule by design, not fitted (`experts/fusion.py`, `LONE_DETECTOR`): on a photo (short side over 64
-px) the AI-image detector alone cannot convict. Without a second expert pointing to synthesis (score
->= 0.5: a generated face, frequency peaks, a watermark, metadata or Content Credentials) its
-contribution stops at the uncertain band's upper edge, and adds nothing when the others already
-convict. The detector is validated on CIFAKE thumbnails; on photos its `val` evidence is 9 playground
-images, and on `test` photos it called pristine camera JPEGs AI-generated (its card, "Limits"). This
-too was set after seeing pristine `test` photos. What it changes on `val` is under Scores ("val
-verdicts", in-sample).
+px) the AI-image detector alone cannot make the verdict "AI-generated". When the evidence against is
+mostly its own and no second expert points to synthesis (score >= 0.5: a generated face, frequency
+peaks, a watermark, metadata or Content Credentials), its contribution stops at the uncertain band's
+upper edge; beside editing evidence that outweighs it, it counts as fitted. The detector is
+validated on CIFAKE thumbnails; on photos its `val` evidence is 9 playground images, and on `test`
+photos it called pristine camera JPEGs AI-generated (its card, "Limits"). This too was set after
+seeing pristine `test` photos. What it changes on `val` is under Scores ("val verdicts", in-sample).
 
 | expert | presence c (defence if < 0) | score weight w |
 |---|---|---|
