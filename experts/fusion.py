@@ -206,7 +206,7 @@ def fuse(
     lone_detector: str | None = LONE_DETECTOR,
 ) -> Verdict:
     """Combine evidence for an image of the given (height, width) into a Verdict. `lone_detector`: the
-    expert that cannot convict a photo alone (None: no such rule, to measure what it changes)."""
+    expert that alone cannot make a photo "AI-generated" (None: no such rule, to measure its effect)."""
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
     drivers = model.contributions(evidence)
