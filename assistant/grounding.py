@@ -421,6 +421,18 @@ CAVEATS = {
     "uncertain": "The evidence is weak either way, so treat this result as uncertain; some edits leave no "
     "trace, and resizing or re-compression can erase the traces the experts look for.",
 }
+# The caveat of an uncertain verdict that the fusion's lone-detector rule held at the band's edge.
+HELD_CAVEAT = (
+    "The evidence is weak either way: on a photo the AI-image detector's score alone does not decide, "
+    "since it was not validated on photos from cameras it never saw, so treat this result as uncertain."
+)
+
+
+def caveat_of(verdict: Verdict) -> str:
+    """The closing caveat of a verdict: its label's, or why a high AI-image score left it uncertain."""
+    if verdict.label == "uncertain" and any(d.held for d in verdict.drivers):
+        return HELD_CAVEAT
+    return CAVEATS[verdict.label]
 
 
 # The trained sentences about text in the file's metadata that addresses an AI system (the answer guide
@@ -796,7 +808,7 @@ def compose_answer(
             lines.append("Signs the other way, outweighed by the rest:")
             lines.extend(_bullet(item) for item in against[:2])
 
-    lines.append(CAVEATS[verdict.label])
+    lines.append(caveat_of(verdict))
     lines.extend(notes)
     return "\n".join(lines)
 

@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 
 from assistant.backends.base import Guide
 from assistant.grounding import (
-    CAVEATS,
     INSTRUCTION_NOTE,
     LABEL_WORDS,
     NO_INSTRUCTION_NOTE,
+    caveat_of,
     has_instruction,
     leading_reason,
     reason_line,
@@ -102,7 +102,7 @@ class AnswerGuide:
         if _WHY_SLOT.search(text) and self.reasons:
             return self._first_reason(text)
         if (match := _CAVEAT_SLOT.search(text)) and self.reasons:
-            return _caveat(match.group("opening"), self._verdict_in(text).label)
+            return _caveat(match.group("opening"), caveat_of(self._verdict_in(text)))
         if _NOTE_SLOT.search(text) and self.reasons:  # the note on instructions in the metadata: the true one
             note = INSTRUCTION_NOTE if self.instruction else NO_INSTRUCTION_NOTE + "\n"
             return note.removeprefix("The file's")
@@ -132,10 +132,9 @@ class AnswerGuide:
         return completion.removeprefix("score") if typed else completion
 
 
-def _caveat(opening: str, label: str) -> str:
-    """The rest of a caveat line the model opened with `opening`: the label's caveat itself when it
+def _caveat(opening: str, caveat: str) -> str:
+    """The rest of a caveat line the model opened with `opening`: the verdict's caveat itself when it
     starts that way, else the opening linked to it ("A word of caution: the experts show ...")."""
-    caveat = CAVEATS[label]
     if caveat.startswith(opening):
         return caveat.removeprefix(opening)
     body = caveat.removeprefix("Caveat: ")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from experts.base import Analysis, Evidence
+from experts.base import Analysis, Driver, Evidence
 from experts.image import LoadedImage, orient
 
 SCHEMA = "forensics-report/1"
@@ -67,6 +67,18 @@ def versions() -> dict[str, str]:
     return found
 
 
+def driver_record(driver: Driver) -> dict:
+    """One driver of the verdict as in the report contract ("held": cut by the fusion's lone-detector
+    rule, experts/fusion.py)."""
+    return {
+        "expert": driver.expert,
+        "score": driver.score,
+        "weight": driver.weight,
+        "contribution": driver.contribution,
+        "held": driver.held,
+    }
+
+
 def report_dict(analysis: Analysis, image: LoadedImage, files: dict[str, Any] | None = None) -> dict:
     """The JSON report; `files` maps "mask", "heatmaps/<expert>", "masks/<expert>" to written names."""
     files = files or {}
@@ -85,10 +97,7 @@ def report_dict(analysis: Analysis, image: LoadedImage, files: dict[str, Any] | 
             "label": verdict.label,
             "probability": verdict.probability,
             "uncertain_band": list(verdict.uncertain_band),
-            "drivers": [
-                {"expert": d.expert, "score": d.score, "weight": d.weight, "contribution": d.contribution}
-                for d in verdict.drivers
-            ],
+            "drivers": [driver_record(d) for d in verdict.drivers],
             "mask": files.get("mask"),
             "where": where_phrases(verdict.mask, image.orientation),
         },

@@ -102,6 +102,7 @@ class Driver:
     score: float
     weight: float
     contribution: float = 0.0
+    held: bool = False  # cut by the fusion's lone-detector rule (experts/fusion.py)
 
 
 @dataclass(frozen=True, eq=False)

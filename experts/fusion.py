@@ -272,7 +272,7 @@ def _held_below(drivers: list[Driver], expert: str, high: float, model: FusionMo
     others = [d for d in drivers if d is not held]
     room = _logit(high) - _logit(model.probability(others))
     contribution = min(held.contribution, math.floor(max(room, 0.0) * 1e4) / 1e4)  # rounded down
-    return [*others, replace(held, contribution=contribution)]
+    return [*others, replace(held, contribution=contribution, held=contribution < held.contribution)]
 
 
 def _provenance_logit(item: Evidence) -> float:

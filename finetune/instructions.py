@@ -43,9 +43,9 @@ from assistant.agent import Agent, Conversation
 from assistant.backends.base import Message, ModelInfo
 from assistant.backends.chat import tool_call_text
 from assistant.grounding import (
-    CAVEATS,
     INSTRUCTION_NOTE,
     LABEL_WORDS,
+    caveat_of,
     check_answer,
     cited_reasons,
     compose_answer,
@@ -241,7 +241,7 @@ def reference_answer(
         if item.expert == "metadata" and has_instruction([item]):
             continue
         reasons.append(reason_line(item))
-    caveat = CAVEATS[verdict.label]
+    caveat = caveat_of(verdict)
     grounds = dict(require_verdict=True, numbers=[image.width, image.height])
     expert_where = [w for e in evidence for w in _expert_where(e, image)]
     allowed = list(dict.fromkeys(where + expert_where))

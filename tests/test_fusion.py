@@ -164,7 +164,7 @@ def test_the_ai_image_detector_alone_cannot_make_a_photo_ai_generated():
     found = scored(quiet)
     photo = fuse(found, (300, 451), model)
     assert photo.label == "uncertain" and high - 0.01 < photo.probability <= high
-    assert photo.drivers[0].expert == "ai_generated"  # still the leading reason, its weight held back
+    assert photo.drivers[0].expert == "ai_generated" and photo.drivers[0].held  # still the leading reason
     assert fuse(found, (32, 32), model).label == "ai_generated"
     assert fuse(scored({**quiet, "frequency": 0.8}), (300, 451), model).label == "ai_generated"
     assert fuse(scored({}), (300, 451), model).label == "authentic"  # nothing to hold back

@@ -171,3 +171,22 @@ def test_the_guide_says_whether_the_metadata_holds_text_addressed_to_an_ai() -> 
         text = "image_1 is manipulated: the fused probability of manipulation or AI generation is 87%.\nWhy: "
         text += "The file's" + guide(text + "The file's")
         assert check_answer(text, SPLICED, evidence, [], require_verdict=True) == []
+
+
+def test_an_ai_score_held_by_the_fusion_gets_its_own_caveat() -> None:
+    """An uncertain verdict whose AI-image score the fusion's lone-detector rule held at the band's
+    edge says why, in the guided answer and in the composed one; other uncertain verdicts do not."""
+    from assistant.grounding import HELD_CAVEAT, caveat_of, compose_answer
+
+    detector = Evidence(
+        "ai_generated", 0.99, True, "The AI-image detector says the image looks AI-generated."
+    )
+    held = Verdict(
+        "uncertain", 0.65, (Driver("ai_generated", 0.99, 5.1, 0.61, held=True),), None, (0.35, 0.65)
+    )
+    plain = Verdict("uncertain", 0.5, (Driver("ai_generated", 0.4, 5.1, 0.2),), None, (0.35, 0.65))
+    assert caveat_of(held) == HELD_CAVEAT and caveat_of(plain) == CAVEATS["uncertain"]
+    guide = AnswerGuide({"image_1": held}, [detector])
+    assert guide("image_1 is uncertain.\nThe evidence") == HELD_CAVEAT.removeprefix("The evidence")
+    text = compose_answer(held, [detector], [], "Is it AI-generated?", image_id="image_1")
+    assert HELD_CAVEAT in text and check_answer(text, held, [detector], [], require_verdict=True) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from assistant.report import heatmap_png, mask_png
+from assistant.report import driver_record, heatmap_png, mask_png
 from experts.base import ForensicsError, Verdict
 from experts.image import load_image
 
@@ -111,10 +111,7 @@ def verdict_record(verdict: Verdict | None, where: list[str], mask_file: str | N
         "label": verdict.label,
         "probability": verdict.probability,
         "uncertain_band": list(verdict.uncertain_band),
-        "drivers": [
-            {"expert": d.expert, "score": d.score, "weight": d.weight, "contribution": d.contribution}
-            for d in verdict.drivers
-        ],
+        "drivers": [driver_record(d) for d in verdict.drivers],
         "mask": mask_file,
         "where": where,
     }
