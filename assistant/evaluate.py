@@ -217,7 +217,7 @@ def transform_image(
     if resize is not None:
         import cv2
 
-        pixels = cv2.resize(pixels, _scaled_size(pixels.shape[:2], resize), interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(pixels, scaled_size(pixels.shape[:2], resize), interpolation=cv2.INTER_AREA)
     buffer = io.BytesIO()
     if jpeg_quality is not None:
         Image.fromarray(pixels).save(buffer, "JPEG", quality=int(jpeg_quality))
@@ -226,7 +226,7 @@ def transform_image(
     return load_image(buffer.getvalue(), name=image.source)
 
 
-def _scaled_size(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+def scaled_size(shape: tuple[int, int], factor: float) -> tuple[int, int]:
     """(width, height) for cv2, at least 1x1."""
     height, width = shape
     return max(1, round(width * factor)), max(1, round(height * factor))

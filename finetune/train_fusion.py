@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from assistant.evaluate import _scaled_size, fit_mask, limit_items, read_mask, transform_image
+from assistant.evaluate import fit_mask, limit_items, read_mask, scaled_size, transform_image
 from assistant.metrics import expected_calibration_error, f1_score, roc_auc
 from experts.base import Evidence
 from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, FusionModel, fuse
@@ -115,7 +115,7 @@ def _shape(file: Path, variant: str) -> list[int]:
         width, height = image.size
     _, scale = VARIANTS[variant]
     if scale is not None:
-        width, height = _scaled_size((height, width), scale)
+        width, height = scaled_size((height, width), scale)
     return [height, width]
 
 
