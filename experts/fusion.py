@@ -10,9 +10,10 @@ presence says when it finds nothing (negative: "I looked and it is clean" is evi
 authenticity). b, c, w are fitted by logistic regression on the `val` splits (raw, and re-saved as
 JPEG and resized, so the weights hold up under re-compression), and the temperature T on out-of-fold
 predictions, so the probability is calibrated (finetune/train_fusion.py; the numbers are in
-experts/weights/fusion.md). A weight the `val` sets cannot teach is set by design instead (metadata's:
-there its only signal is a CASIA artefact, see `FusionConfig.fixed`). Each driver of a verdict
-carries its contribution in log-odds.
+experts/weights/fusion.md). The fusion can hold one such image model per kind of image (`context_of`:
+photo, thumbnail); the shipped fusion has one for all. A weight the `val` sets cannot teach is set by
+design instead (metadata's: there its only signal is a CASIA artefact, see `FusionConfig.fixed`).
+Each driver of a verdict carries its contribution in log-odds.
 
 Provenance is not learned (no data set here carries Content Credentials or watermarks): a broken or
 tampered provenance signal prosecutes with a fixed weight, an intact one defends (details
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -47,11 +48,13 @@ UNCERTAIN_BAND = (0.35, 0.65)
 MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's own mask is worth naming when its score is this high
 WEIGHTS_NAME = "fusion"
-# A lone witness: on an image whose short side is over THUMBNAIL_SIDE, this detector makes a verdict
-# "AI-generated" only with a second expert that points to synthesis with a score of at least
-# CORROBORATION_SCORE.
-LONE_DETECTOR = "ai_generated"
+# The kinds of image with their own image model (context_of): a thumbnail has a short side of at most
+# THUMBNAIL_SIDE.
+PHOTO, THUMBNAIL = "photo", "thumbnail"
 THUMBNAIL_SIDE = 64
+# A lone witness: on a photo, this detector makes a verdict "AI-generated" only with a second expert that
+# points to synthesis with a score of at least CORROBORATION_SCORE.
+LONE_DETECTOR = "ai_generated"
 CORROBORATION_SCORE = 0.5
 
 # Provenance in log-odds: tampered or forged provenance prosecutes; intact provenance defends, by at
@@ -61,22 +64,21 @@ PROVENANCE_PROSECUTION = 5.0
 PROVENANCE_DEFENCE = 3.0
 
 
+def context_of(shape: tuple[int, int]) -> str:
+    """The kind of image whose evidence an image model weighs: a thumbnail (short side at most
+    THUMBNAIL_SIDE: the editing experts see little in it, and its evidence is CIFAKE's) or a photo."""
+    return THUMBNAIL if min(shape) <= THUMBNAIL_SIDE else PHOTO
+
+
 @dataclass(frozen=True)
-class FusionModel:
-    """The fitted numbers of the fusion (see the module docstring)."""
+class ImageModel:
+    """The fitted image-level numbers for one kind of image (see the module docstring)."""
 
     experts: tuple[str, ...]
     bias: float
     presence: tuple[float, ...]  # c_i
     weight: tuple[float, ...]  # w_i >= 0
     temperature: float = 1.0
-    pixel_experts: tuple[str, ...] = ()
-    pixel_weight: tuple[float, ...] = ()
-    pixel_bias: float = 0.0
-    pixel_threshold: float = 0.5  # of the pixel model's probability; rescaled to 0.5 in the heatmap
-    uncertain_band: tuple[float, float] = UNCERTAIN_BAND
-    source: str = "fitted"
-    notes: dict = field(default_factory=dict)
 
     def contributions(self, evidence: Sequence[Evidence]) -> list[Driver]:
         """One Driver per applicable expert with its contribution in log-odds (after temperature)."""
@@ -107,6 +109,24 @@ class FusionModel:
             defence = max(defence, -0.5 * against)
         return _sigmoid(against + defence)
 
+
+@dataclass(frozen=True)
+class FusionModel:
+    """The fitted numbers of the fusion: an image model per kind of image (`context_of`; a kind
+    without its own uses the photo model) and the pixel model (see the module docstring)."""
+
+    image_models: Mapping[str, ImageModel]
+    pixel_experts: tuple[str, ...] = ()
+    pixel_weight: tuple[float, ...] = ()
+    pixel_bias: float = 0.0
+    pixel_threshold: float = 0.5  # of the pixel model's probability; rescaled to 0.5 in the heatmap
+    uncertain_band: tuple[float, float] = UNCERTAIN_BAND
+    source: str = "fitted"
+    notes: dict = field(default_factory=dict)
+
+    def image_model(self, shape: tuple[int, int]) -> ImageModel:
+        return self.image_models.get(context_of(shape)) or self.image_models[PHOTO]
+
     def heatmap(self, evidence: Sequence[Evidence], shape: tuple[int, int]) -> np.ndarray | None:
         """The fused heatmap (float32 HxW in [0, 1], 0.5 = the fitted threshold); None without maps."""
         maps = {
@@ -130,18 +150,20 @@ class FusionModel:
     def to_tensors(self) -> tuple[dict, dict[str, str]]:
         import torch
 
-        tensors = {
-            "bias": torch.tensor([self.bias]),
-            "presence": torch.tensor(self.presence),
-            "weight": torch.tensor(self.weight),
-            "temperature": torch.tensor([self.temperature]),
+        tensors = {}
+        for context, image in self.image_models.items():
+            tensors[f"{context}.bias"] = torch.tensor([image.bias])
+            tensors[f"{context}.presence"] = torch.tensor(image.presence)
+            tensors[f"{context}.weight"] = torch.tensor(image.weight)
+            tensors[f"{context}.temperature"] = torch.tensor([image.temperature])
+        tensors |= {
             "pixel_weight": torch.tensor(self.pixel_weight or (0.0,)),
             "pixel_bias": torch.tensor([self.pixel_bias]),
             "pixel_threshold": torch.tensor([self.pixel_threshold]),
             "uncertain_band": torch.tensor(self.uncertain_band),
         }
         metadata = {
-            "experts": json.dumps(list(self.experts)),
+            "experts": json.dumps({context: list(m.experts) for context, m in self.image_models.items()}),
             "pixel_experts": json.dumps(list(self.pixel_experts)),
             "notes": json.dumps(self.notes),
         }
@@ -152,13 +174,19 @@ class FusionModel:
         def values(key: str) -> tuple[float, ...]:
             return tuple(float(v) for v in tensors[key].flatten().tolist())
 
+        image_models = {
+            context: ImageModel(
+                experts=tuple(experts),
+                bias=values(f"{context}.bias")[0],
+                presence=values(f"{context}.presence"),
+                weight=values(f"{context}.weight"),
+                temperature=values(f"{context}.temperature")[0],
+            )
+            for context, experts in json.loads(metadata["experts"]).items()
+        }
         pixel_experts = tuple(json.loads(metadata.get("pixel_experts", "[]")))
         return cls(
-            experts=tuple(json.loads(metadata["experts"])),
-            bias=values("bias")[0],
-            presence=values("presence"),
-            weight=values("weight"),
-            temperature=values("temperature")[0],
+            image_models=image_models,
             pixel_experts=pixel_experts,
             pixel_weight=values("pixel_weight")[: len(pixel_experts)],
             pixel_bias=values("pixel_bias")[0],
@@ -173,10 +201,14 @@ class FusionModel:
 # Used only when the fitted file is missing (a broken install): the first, hand-set weights in
 # log-odds, so the product still answers, and says so in every verdict's model source.
 HAND_SET = FusionModel(
-    experts=("ela", "noise", "jpeg", "copy_move", "metadata", "frequency"),
-    bias=-2.0,
-    presence=(0.0,) * 6,
-    weight=(2.5, 2.5, 3.5, 4.5, 4.5, 2.0),
+    image_models={
+        PHOTO: ImageModel(
+            experts=("ela", "noise", "jpeg", "copy_move", "metadata", "frequency"),
+            bias=-2.0,
+            presence=(0.0,) * 6,
+            weight=(2.5, 2.5, 3.5, 4.5, 4.5, 2.0),
+        )
+    },
     pixel_experts=("ela", "noise", "copy_move"),
     pixel_weight=(3.0, 3.0, 4.0),
     pixel_bias=-3.0,
@@ -209,12 +241,13 @@ def fuse(
     expert that alone cannot make a photo "AI-generated" (None: no such rule, to measure its effect)."""
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
-    drivers = model.contributions(evidence)
+    image_model = model.image_model(shape)
+    drivers = image_model.contributions(evidence)
     if lone_detector and _lone_witness(evidence, drivers, shape, lone_detector):
-        drivers = _held_below(drivers, lone_detector, band[1], model)
-    probability = model.probability(drivers)
+        drivers = _held_below(drivers, lone_detector, band[1], image_model)
+    probability = image_model.probability(drivers)
     drivers.sort(key=lambda d: abs(d.contribution), reverse=True)
-    examined = [d for d in drivers if d.expert in model.experts or d.expert in PROVENANCE_EXPERTS]
+    examined = [d for d in drivers if d.expert in image_model.experts or d.expert in PROVENANCE_EXPERTS]
     low, high = band
     if len(examined) < MIN_EXPERTS_TO_CLEAR and probability <= high:
         # Too little could be measured (e.g. a 1x1 image) to clear or accuse: no evidence either way.
@@ -260,10 +293,10 @@ def _lone_witness(
         and (e.score or 0.0) >= CORROBORATION_SCORE
         for e in evidence
     )
-    return min(shape) > THUMBNAIL_SIDE and not seconded and _kind(evidence, drivers) == "ai_generated"
+    return context_of(shape) == PHOTO and not seconded and _kind(evidence, drivers) == "ai_generated"
 
 
-def _held_below(drivers: list[Driver], expert: str, high: float, model: FusionModel) -> list[Driver]:
+def _held_below(drivers: list[Driver], expert: str, high: float, model: ImageModel) -> list[Driver]:
     """The drivers with `expert`'s contribution cut so that it raises the probability at most to `high`
     (not at all when the others already pass it)."""
     held = next((d for d in drivers if d.expert == expert and d.contribution > 0), None)

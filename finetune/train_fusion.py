@@ -29,7 +29,16 @@ from tqdm import tqdm
 from assistant.evaluate import fit_mask, limit_items, read_mask, scaled_size, transform_image
 from assistant.metrics import expected_calibration_error, f1_score, roc_auc
 from experts.base import Evidence
-from experts.fusion import PROVENANCE_EXPERTS, UNCERTAIN_BAND, WEIGHTS_NAME, FusionModel, fuse
+from experts.fusion import (
+    PHOTO,
+    PROVENANCE_EXPERTS,
+    UNCERTAIN_BAND,
+    WEIGHTS_NAME,
+    FusionModel,
+    ImageModel,
+    context_of,
+    fuse,
+)
 from experts.image import load_image
 from experts.registry import available_experts
 from experts.runner import clear_cache, run_experts
@@ -69,6 +78,9 @@ class FusionConfig(RecipeConfig):
     # Sample weights: "equal" gives every (data set, class) the same total weight (the shipped fit);
     # "sqrt" makes it proportional to the square root of its size; "none" weighs every image alike.
     balance: str = "equal"
+    # One image model per kind of image (experts.fusion.context_of: photo, thumbnail); the shipped fit
+    # has one for all (the fusion card, "Calibration by kind of image", says why).
+    by_context: bool = False
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
     experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
@@ -328,10 +340,10 @@ def mean_pixel_f1(
 # --------------------------------------------------------------------------------------------------
 
 
-def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
-    experts = sorted(
-        {name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS) - set(PIXEL_ONLY)
-    )
+def fit_image_model(
+    config: FusionConfig, records: list[dict], experts: list[str]
+) -> tuple[ImageModel, np.ndarray]:
+    """The image model for one kind of image, and its calibrated out-of-fold probabilities."""
     features, labels = image_features(records, experts)
     weights = balance(records, config.balance)
     k = len(experts)
@@ -346,6 +358,8 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     folds = np.array([fold_of(r, config.folds) for r in records])
     for fold in range(config.folds):
         train, held = folds != fold, folds == fold
+        if not held.any():
+            continue
         coefficients, bias = fit_logistic(
             features[train],
             labels[train],
@@ -360,6 +374,28 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     coefficients, bias = fit_logistic(
         features, labels, nonnegative, config.l2, weights, config.presence_bound, fixed
     )
+    model = ImageModel(
+        experts=tuple(experts),
+        bias=bias,
+        presence=tuple(float(c) for c in coefficients[:k]),
+        weight=tuple(float(c) for c in coefficients[k:]),
+        temperature=temperature,
+    )
+    return model, 1.0 / (1.0 + np.exp(-out_of_fold / temperature))
+
+
+def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
+    experts = sorted(
+        {name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS) - set(PIXEL_ONLY)
+    )
+    labels = np.array([r["positive"] for r in records], np.float32)
+    contexts = np.array([context_of(r["shape"]) if config.by_context else PHOTO for r in records])
+    image_models, probability = {}, np.zeros(len(records))
+    for context in sorted(set(contexts)):
+        rows = np.flatnonzero(contexts == context)
+        image_models[context], probability[rows] = fit_image_model(
+            config, [records[i] for i in rows], experts
+        )
 
     rng = np.random.default_rng(config.seed)
     pixel_experts = sorted({n for r in records if r["truth"] is not None for n in r["maps"]})
@@ -370,11 +406,7 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     threshold = float(thresholds[int(np.nanargmax(f1s))])
 
     model = FusionModel(
-        experts=tuple(experts),
-        bias=bias,
-        presence=tuple(float(c) for c in coefficients[:k]),
-        weight=tuple(float(c) for c in coefficients[k:]),
-        temperature=temperature,
+        image_models=image_models,
         pixel_experts=tuple(pixel_experts),
         pixel_weight=tuple(float(w) for w in pixel_weight),
         pixel_bias=pixel_bias,
@@ -382,8 +414,9 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
         uncertain_band=UNCERTAIN_BAND,
         notes={"fitted_on": "val", "variants": list(config.variants)},
     )
-    probability = 1.0 / (1.0 + np.exp(-out_of_fold / temperature))
     scores = {"val images (image, variant)": len(records)}
+    for context in image_models:
+        scores[f"{context} val images"] = int((contexts == context).sum())
     groups = {"casia1": ("casia1",), "faces": ("faces_real", "faces_stylegan"), "cifake": ("cifake",)}
     groups["ai_playground"] = ("ai_playground",)
     for group, members in groups.items():
@@ -402,7 +435,8 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     scores["val ECE (out-of-fold, after temperature)"] = round(
         expected_calibration_error(labels, probability), 4
     )
-    scores["temperature"] = round(temperature, 4)
+    for context, image_model in image_models.items():
+        scores[f"{context} temperature"] = round(image_model.temperature, 4)
     scores.update(val_verdicts(model, records))
     scores["pixel threshold (best mean pixel-F1 on CASIA val)"] = threshold
     scores["CASIA val mean pixel-F1 of the fused heatmap at that threshold"] = round(max(f1s), 4)
@@ -439,13 +473,14 @@ CARD = """# Calibrated fusion
 Turns the experts' evidence into P(not authentic) with prosecution and defence (experts/fusion.py).
 Logistic regression over each expert's presence and score (score weights >= 0; presence weights free,
 so an expert that examined the image and found nothing can speak for authenticity), fitted on the
-`val` splits of {datasets} (raw, and variants {variants}: both classes alike), every (data set, class)
-weighted equally; a temperature fitted on {folds}-fold out-of-fold logits (folds by file) calibrates
-it. The fused heatmap is a logistic model over the localising experts' heatmaps fitted on CASIA `val`
-pixels; its best-F1 threshold there is rescaled to 0.5. Provenance (C2PA, watermarks) is fixed by
-design, not fitted. Score weights fixed by design, not fitted: {fixed} (`FusionConfig.fixed`). On `val`,
-metadata evidence beyond "no camera data" is only CASIA's "written by Photoshop" on its tampered files,
-an artefact of that data set; fitted, the weight learned that editing software convicts. The face
+`val` splits of {datasets} (raw, and variants {variants}: both classes alike), weighing every (data
+set, class) by {balance}; a temperature fitted on {folds}-fold out-of-fold logits (folds by file)
+calibrates it. {contexts} The fused heatmap is a logistic model over the localising experts' heatmaps
+fitted on CASIA `val` pixels; its best-F1 threshold there is rescaled to 0.5. Provenance (C2PA,
+watermarks) is fixed by design, not fitted. Score weights fixed by design, not fitted: {fixed}
+(`FusionConfig.fixed`). On `val`, metadata evidence beyond "no camera data" is only CASIA's "written
+by Photoshop" on its tampered files, an artefact of that data set; fitted, the weight learned that
+editing software convicts. The face
 expert's `val` faces are portraits on which it is nearly perfect; fitted, its weight came out 6.2 and a
 face wrongly judged fake convicted a photo on its own. Both were set after those false accusations
 showed on pristine `test` photos, so the pristine figures are not independent of these two numbers;
@@ -460,8 +495,6 @@ validated on CIFAKE thumbnails; on photos its `val` evidence is 9 playground ima
 photos it called pristine camera JPEGs AI-generated (its card, "Limits"). This too was set after
 seeing pristine `test` photos. What it changes on `val` is under Scores ("val verdicts", in-sample).
 
-| expert | presence c (defence if < 0) | score weight w |
-|---|---|---|
 {rows}
 
 Pixel model: {pixel_rows}; bias {pixel_bias:.3f}.
@@ -476,9 +509,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(scores, indent=2))
     if config.ship:
         tensors, metadata = model.to_tensors()
-        rows = "\n".join(
-            f"| {n} | {c:+.3f} | {w:.3f} |"
-            for n, c, w in zip(model.experts, model.presence, model.weight, strict=True)
+        contexts = list(model.image_models)
+        header = " | ".join(f"{c} presence c (defence if < 0) | {c} score weight w" for c in contexts)
+        rows = [f"| expert | {header} |", "|---|" + "---:|---:|" * len(contexts)]
+        for i, name in enumerate(model.image_models[contexts[0]].experts):
+            cells = " | ".join(
+                f"{m.presence[i]:+.3f} | {m.weight[i]:.3f}" for m in model.image_models.values()
+            )
+            rows.append(f"| {name} | {cells} |")
+        rows.append(
+            "| bias, temperature | "
+            + " | ".join(f"{m.bias:+.3f} | {m.temperature:.3f}" for m in model.image_models.values())
+            + " |"
         )
         pixel_rows = ", ".join(
             f"{n} {w:.3f}" for n, w in zip(model.pixel_experts, model.pixel_weight, strict=True)
@@ -487,10 +529,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             datasets=", ".join(config.datasets),
             variants=", ".join(config.variants),
             folds=config.folds,
-            rows=rows,
+            rows="\n".join(rows),
             pixel_rows=pixel_rows,
             pixel_bias=model.pixel_bias,
             fixed=", ".join(config.fixed) or "none",
+            contexts=(
+                "Photos and thumbnails (short side at most 64 px: CIFAKE) each have such an image model "
+                "(`experts.fusion.context_of`)."
+                if config.by_context
+                else "One image model serves every kind of image (`--by-context` fits one per kind)."
+            ),
+            balance={"equal": "the same total", "sqrt": "the square root of its size", "none": "its size"}[
+                config.balance
+            ],
         )
         path = ship_weights(WEIGHTS_NAME, tensors, card, config, scores, metadata=metadata)
         print(f"wrote {path}")

@@ -570,7 +570,9 @@ def test_check_answer_reads_quoted_evidence_as_grounded():
     jpeg = next(e for e in evidence if e.expert == "jpeg")
     text = f"It is manipulated ({P}). The JPEG expert says: {jpeg.summary}"
     assert check_answer(text, verdict, evidence, where) == []
-    assert "11.9%" in jpeg.summary and "edited" in jpeg.summary
+    # the quote carries a figure of its own: the marked region's share (11.9% on one machine, 13.0% on
+    # another with the same pinned packages, so the test does not pin the value)
+    assert re.search(r"\(\d+\.\d% of the image", jpeg.summary) and "edited" in jpeg.summary
 
 
 def _verdict(label: str, probability: float) -> Verdict:

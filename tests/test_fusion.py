@@ -1,21 +1,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from experts.base import Evidence
-from experts.fusion import HAND_SET, FusionModel, fuse, fusion_model
+from experts.fusion import HAND_SET, PHOTO, THUMBNAIL, FusionModel, ImageModel, context_of, fuse, fusion_model
 from experts.learned import available
 
 SHAPE = (20, 30)
+PHOTO_SHAPE = (300, 451)
 MODEL = FusionModel(
-    experts=("ela", "noise", "copy_move", "metadata"),
-    bias=-1.0,
-    presence=(-0.5, -0.5, -0.5, 0.0),
-    weight=(3.0, 2.0, 6.0, 6.0),
-    temperature=2.0,
+    image_models={
+        PHOTO: ImageModel(
+            experts=("ela", "noise", "copy_move", "metadata"),
+            bias=-1.0,
+            presence=(-0.5, -0.5, -0.5, 0.0),
+            weight=(3.0, 2.0, 6.0, 6.0),
+            temperature=2.0,
+        )
+    },
     pixel_experts=("ela", "copy_move"),
     pixel_weight=(4.0, 8.0),
     pixel_bias=-4.0,
@@ -88,8 +94,10 @@ def test_intact_provenance_lowers_suspicion_but_cannot_erase_strong_evidence():
 def test_model_round_trips_through_tensors():
     tensors, metadata = MODEL.to_tensors()
     again = FusionModel.from_tensors(tensors, metadata, "fitted")
-    assert again.experts == MODEL.experts and again.pixel_experts == MODEL.pixel_experts
-    assert again.weight == pytest.approx(MODEL.weight) and again.temperature == pytest.approx(2.0)
+    assert again.image_models.keys() == MODEL.image_models.keys()
+    image, expected = again.image_models[PHOTO], MODEL.image_models[PHOTO]
+    assert image.experts == expected.experts and again.pixel_experts == MODEL.pixel_experts
+    assert image.weight == pytest.approx(expected.weight) and image.temperature == pytest.approx(2.0)
     assert again.uncertain_band == (0.35, 0.65)  # exactly the setting, as reports print it
 
 
@@ -97,9 +105,22 @@ def test_model_round_trips_through_tensors():
 def test_the_shipped_fusion_is_fitted_and_sane():
     model = fusion_model()
     assert model is not HAND_SET and model.source == "fitted"
-    assert all(w >= 0 for w in model.weight) and 0.2 <= model.temperature <= 20
-    clean = [evidence(name, 0.0) for name in model.experts]
-    assert fuse(clean, SHAPE, model).label == "authentic"
+    assert PHOTO in model.image_models and set(model.image_models) <= {PHOTO, THUMBNAIL}
+    for shape in (PHOTO_SHAPE, SHAPE):
+        image = model.image_model(shape)
+        assert all(w >= 0 for w in image.weight) and 0.2 <= image.temperature <= 20
+        clean = [evidence(name, 0.0) for name in image.experts]
+        assert fuse(clean, shape, model).label == "authentic"
+
+
+def test_photos_and_thumbnails_are_weighed_by_their_own_image_model():
+    thumbnail = ImageModel(experts=("ela", "noise"), bias=2.0, presence=(0.0, 0.0), weight=(0.0, 0.0))
+    both = replace(MODEL, image_models={**MODEL.image_models, THUMBNAIL: thumbnail})
+    assert context_of((64, 500)) == THUMBNAIL and context_of((65, 65)) == PHOTO
+    found = [evidence("ela", 0.0), evidence("noise", 0.0)]
+    assert fuse(found, PHOTO_SHAPE, both).label == "authentic"
+    assert fuse(found, SHAPE, both).probability == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-4)
+    assert fuse(found, SHAPE, MODEL).label == "authentic"  # no thumbnail model: the photo model
 
 
 def test_a_fixed_weight_is_kept_and_the_others_are_fitted():
@@ -121,12 +142,11 @@ def test_editing_software_alone_accuses_nobody():
     photoshop = 1 - (1 - 0.35) * (1 - 0.12)  # metadata: editing software + no camera data
     # the learned experts' mean scores on the pristine photos (`forensics eval` of clean_photos); no face
     typical = {"metadata": photoshop, "manipulation": 0.6, "ai_generated": 0.15, "faces": None}
-    found = [evidence(name, typical.get(name, 0.0)) for name in model.experts]
-    assert fuse(found, SHAPE, model).label in ("authentic", "uncertain")
-    without = [
-        evidence(name, 0.12 if name == "metadata" else typical.get(name, 0.0)) for name in model.experts
-    ]
-    assert fuse(without, SHAPE, model).label == "authentic"
+    experts = model.image_models[PHOTO].experts
+    found = [evidence(name, typical.get(name, 0.0)) for name in experts]
+    assert fuse(found, PHOTO_SHAPE, model).label in ("authentic", "uncertain")
+    without = [evidence(name, 0.12 if name == "metadata" else typical.get(name, 0.0)) for name in experts]
+    assert fuse(without, PHOTO_SHAPE, model).label == "authentic"
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
@@ -137,11 +157,12 @@ def test_one_face_judged_fake_alone_convicts_nobody():
     generated face), it convicts."""
     model = fusion_model()
     typical = {"manipulation": 0.7, "ai_generated": 0.03, "faces": 0.93}  # kodim15's scores
-    alone = [evidence(name, typical.get(name, 0.0)) for name in model.experts]
-    assert fuse(alone, SHAPE, model).label in ("authentic", "uncertain")
+    experts = model.image_models[PHOTO].experts
+    alone = [evidence(name, typical.get(name, 0.0)) for name in experts]
+    assert fuse(alone, PHOTO_SHAPE, model).label in ("authentic", "uncertain")
     generated = {**typical, "faces": 0.99, "ai_generated": 0.9}
-    agreed = [evidence(name, generated.get(name, 0.0)) for name in model.experts]
-    assert fuse(agreed, SHAPE, model).label != "authentic"
+    agreed = [evidence(name, generated.get(name, 0.0)) for name in experts]
+    assert fuse(agreed, PHOTO_SHAPE, model).label != "authentic"
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
@@ -158,7 +179,7 @@ def test_the_ai_image_detector_alone_cannot_make_a_photo_ai_generated():
     def scored(scores: dict) -> list[Evidence]:
         return [
             evidence(n, scores.get(n, 0.0), indicates="ai_generated" if n in synthesis else "manipulated")
-            for n in model.experts
+            for n in model.image_models[PHOTO].experts
         ]
 
     found = scored(quiet)
@@ -192,7 +213,8 @@ def test_val_verdicts_count_labels_with_and_without_the_lone_detector_rule():
     model = fusion_model()
 
     def record(dataset: str, positive: bool, shape: list[int], ai: float) -> dict:
-        experts = {n: {"applicable": True, "score": 0.0, "indicates": "manipulated"} for n in model.experts}
+        names = model.image_models[PHOTO].experts
+        experts = {n: {"applicable": True, "score": 0.0, "indicates": "manipulated"} for n in names}
         experts["faces"] = {"applicable": False, "score": None, "indicates": "manipulated"}
         experts["ai_generated"] = {"applicable": True, "score": ai, "indicates": "ai_generated"}
         return {"dataset": dataset, "positive": positive, "shape": shape, "experts": experts}
