@@ -438,6 +438,7 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     for context, image_model in image_models.items():
         scores[f"{context} temperature"] = round(image_model.temperature, 4)
     scores.update(val_verdicts(model, records))
+    scores.update(mean_scores(records, experts))
     scores["pixel threshold (best mean pixel-F1 on CASIA val)"] = threshold
     scores["CASIA val mean pixel-F1 of the fused heatmap at that threshold"] = round(max(f1s), 4)
     return model, scores
@@ -466,6 +467,31 @@ def val_verdicts(model: FusionModel, records: Sequence[dict]) -> dict[str, str]:
         )
         for key, (a, u, c, before) in sorted(counts.items())
     }
+
+
+def mean_scores(records: Sequence[dict], experts: Sequence[str]) -> dict[str, str]:
+    """Each expert's mean score per data set on val, "authentic / fake" (variants pooled; "-" where a
+    data set has no such images): how far an expert's scale shifts between data sets, which one
+    weight per expert cannot follow."""
+    lines = {}
+    datasets = sorted({r["dataset"] for r in records})
+    for name in experts:
+        cells = []
+        for dataset in datasets:
+            means = []
+            for positive in (False, True):
+                found = [
+                    r["experts"][name]["score"]
+                    for r in records
+                    if r["dataset"] == dataset
+                    and r["positive"] == positive
+                    and r["experts"].get(name, {}).get("applicable")
+                    and r["experts"][name]["score"] is not None
+                ]
+                means.append(f"{np.mean(found):.2f}" if found else "-")
+            cells.append(f"{dataset} {' / '.join(means)}")
+        lines[f"{name} mean val score, authentic / fake"] = ", ".join(cells)
+    return lines
 
 
 CARD = """# Calibrated fusion

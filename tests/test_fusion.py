@@ -223,3 +223,16 @@ def test_val_verdicts_count_labels_with_and_without_the_lone_detector_rule():
     records.append(record("thumbnails", True, [32, 32], 0.99))
     counts = {key.split(" val")[0]: value for key, value in val_verdicts(model, records).items()}
     assert counts == {"photos negative": "0 / 1 / 1 (1)", "thumbnails positive": "1 / 0 / 0 (1)"}
+
+
+def test_mean_scores_show_an_experts_scale_per_data_set_and_class():
+    from finetune.train_fusion import mean_scores
+
+    def record(dataset: str, positive: bool, score: float | None) -> dict:
+        found = {"applicable": score is not None, "score": score, "indicates": "manipulated"}
+        return {"dataset": dataset, "positive": positive, "experts": {"ela": found}}
+
+    records = [record("casia1", False, 0.2), record("casia1", False, 0.4), record("casia1", True, 0.9)]
+    records += [record("faces_real", False, 0.6), record("faces_real", False, None)]
+    lines = mean_scores(records, ["ela"])
+    assert lines == {"ela mean val score, authentic / fake": "casia1 0.30 / 0.90, faces_real 0.60 / -"}
