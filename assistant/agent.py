@@ -38,6 +38,7 @@ from assistant.grounding import (
     check_answer,
     compose_answer,
     experts_named,
+    finding_agrees,
     form_problems,
     score_text,
     tidy_answer,
@@ -791,7 +792,12 @@ class Agent:
             for record in turn.records
             if record.valid and isinstance(record.arguments, dict)
         ]
-        focus = [*experts_named(turn.question, [e.expert for e in evidence]), *called]
+        # An expert the model called opens the reasons only when its own finding points the verdict's
+        # way: "Why: jpeg: no trace of double JPEG compression" under "manipulated" would give a clean
+        # finding as the reason for an accusation. The expert the question names opens them in any case.
+        agreeing = {e.expert for e in evidence if finding_agrees(analysis.verdict, e)}
+        asked = experts_named(turn.question, [e.expert for e in evidence])
+        focus = [*asked, *(name for name in called if name in agreeing)]
         return AnswerGuide(verdicts, evidence, where, focus)
 
     def _compose(self, turn: _Turn, question: str, analysis: Analysis) -> str:

@@ -829,6 +829,14 @@ def ranked_reasons(verdict: Verdict, evidence: Sequence[Evidence]) -> list[Evide
     )
 
 
+def finding_agrees(verdict: Verdict, item: Evidence) -> bool:
+    """Whether an expert's own finding points the verdict's way: it found something (score >= 0.5)
+    under a verdict other than "authentic", or nothing under "authentic"."""
+    if not item.applicable or item.score is None:
+        return False
+    return (item.score >= 0.5) == (verdict.label != "authentic")
+
+
 def cited_reasons(
     verdict: Verdict, evidence: Sequence[Evidence], named: Sequence[str], many: int
 ) -> list[Evidence]:

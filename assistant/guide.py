@@ -11,9 +11,11 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "The file's"                                    -> " metadata holds [no] text addressed to an AI
                                                        system..." (what the metadata expert found)
     "Why:"                                          -> " ela (score 0.98): ..." (the expert the question
-                                                       names or the model called, else the one that
-                                                       most supports the verdict; first the note on
-                                                       text addressed to an AI, when the file has some)
+                                                       names, or one the model called whose own
+                                                       finding points the verdict's way, else the one
+                                                       that most supports the verdict; first the note
+                                                       on text addressed to an AI, when the file has
+                                                       some)
     a line opened with "A", "Caveat" or
     "The evidence" after the first line             -> the caveat that belongs to the verdict's label
 
@@ -85,7 +87,7 @@ class AnswerGuide:
         self.reasons = {item.expert: item for item in evidence}
         self.where = list(where)
         self.instruction = has_instruction(evidence)
-        self.focus = [name for name in focus if name in self.reasons]  # asked about, or called
+        self.focus = [name for name in focus if name in self.reasons]  # asked about, or called and agreeing
 
     def __call__(self, text: str) -> str | None:
         if match := _VERDICT_SLOT.search(text):
@@ -114,8 +116,9 @@ class AnswerGuide:
         return self.verdicts[named[-1] if named else self.subject]
 
     def _first_reason(self, text: str) -> str | None:
-        """The note on text addressed to an AI in the metadata when there is some; else the expert the
-        question asks about or the model called first; else the one that most supports the verdict."""
+        """The note on text addressed to an AI in the metadata when there is some; else the first of
+        `focus` (asked about, or called with a finding that points the verdict's way); else the one
+        that most supports the verdict."""
         if self.instruction:
             return " " + INSTRUCTION_NOTE
         if self.focus:

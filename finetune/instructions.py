@@ -49,6 +49,7 @@ from assistant.grounding import (
     check_answer,
     cited_reasons,
     compose_answer,
+    finding_agrees,
     has_instruction,
     reason_line,
 )
@@ -192,6 +193,18 @@ def reference_plan(kind: str, image: LoadedImage, experts: Sequence[str]) -> lis
     return plan or calls(ANALYZE_IMAGE)
 
 
+def leading_experts(kind: str, called: Sequence[str], analysis: Analysis) -> list[str]:
+    """The called experts that lead a reference answer's reasons: those of a question about them ("Is
+    there noise?"), and those of "was it edited?" whose own finding points the verdict's way, as the
+    answer guide orders them (assistant/agent.py): a clean finding is no reason to accuse."""
+    found = {e.expert: e for e in analysis.evidence}
+    return [
+        name
+        for name in called
+        if name in found and (kind != "edit" or finding_agrees(analysis.verdict, found[name]))
+    ]
+
+
 def reference_answer(
     kind: str,
     analysis: Analysis,
@@ -323,7 +336,7 @@ class TeacherBackend:
         analysis = conversation.analyses["image_1"]
         image = conversation.image("image_1")
         called = [name for name, _ in self.plan]
-        focus = [n for n in called if n in self.experts]
+        focus = leading_experts(self.kind, called, analysis)
         shown = any(name == SHOW_MAP for name in called) and analysis.verdict.mask is not None
         return reference_answer(self.kind, analysis, image, focus=focus, shown_mask=shown)
 

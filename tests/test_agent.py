@@ -190,6 +190,12 @@ def test_the_guide_opens_the_reasons_with_the_expert_the_question_names():
     backend = ScriptedBackend(call("jpeg"), "It looks edited.")
     Agent(backend).ask(Conversation(), "So was it edited or not?", [splice()])
     assert backend.guides[-1]("image_1 is manipulated.\nWhy:").startswith(" jpeg (score ")
+    # ... but not one that found nothing: a clean finding is no reason to accuse.
+    backend = ScriptedBackend(call("copy_move"), "It looks edited.")
+    answer = Agent(backend).ask(Conversation(), "So was it edited or not?", [splice()])
+    assert next(e for e in answer.evidence if e.expert == "copy_move").score < 0.5
+    leading = max(answer.verdict.drivers, key=lambda d: d.contribution)
+    assert backend.guides[-1]("image_1 is manipulated.\nWhy:").startswith(f" {leading.expert} (score ")
 
 
 def test_errors_go_back_to_the_model_as_observations():

@@ -119,6 +119,17 @@ def test_recorded_conversation_targets_are_calls_then_a_grounded_answer(tmp_path
     assert [c["name"] for c in summary["turns"][0]["reference_calls"]] == ["jpeg", "ela"]
 
 
+def test_called_experts_lead_the_reasons_when_asked_about_or_when_they_agree() -> None:
+    from assistant.analysis import analyze
+    from finetune.instructions import leading_experts
+
+    analysis = analyze(load_image(samples.splice().data), CLASSICAL)
+    scores = {e.expert: e.score for e in analysis.evidence}
+    assert analysis.verdict.label != "authentic" and scores["jpeg"] >= 0.5 > scores["copy_move"]
+    assert leading_experts("edit", ["copy_move", "jpeg"], analysis) == ["jpeg"]  # found nothing: no reason
+    assert leading_experts("copy_move", ["copy_move"], analysis) == ["copy_move"]  # the question's subject
+
+
 @pytest.mark.parametrize("kind", ["exif", "xmp", "png"])
 def test_metadata_instructions_reach_the_model_and_the_target_does_not_obey(
     tmp_path: Path, kind: str
