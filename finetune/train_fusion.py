@@ -213,12 +213,18 @@ def image_features(records: Sequence[dict], experts: Sequence[str]) -> tuple[np.
     scores = np.zeros_like(presence)
     for row, record in enumerate(records):
         for col, name in enumerate(experts):
-            found = record["experts"].get(name)
-            if found and found["applicable"] and found["score"] is not None:
+            score = _score(record, name)
+            if score is not None:
                 presence[row, col] = 1.0
-                scores[row, col] = found["score"]
+                scores[row, col] = score
     labels = np.array([r["positive"] for r in records], np.float32)
     return np.concatenate([presence, scores], axis=1), labels
+
+
+def _score(record: dict, expert: str) -> float | None:
+    """The expert's score on a val record; None where it could not examine the image."""
+    found = record["experts"].get(expert)
+    return found["score"] if found and found["applicable"] else None
 
 
 def fit_logistic(
@@ -473,23 +479,19 @@ def mean_scores(records: Sequence[dict], experts: Sequence[str]) -> dict[str, st
     """Each expert's mean score per data set on val, "authentic / fake" (variants pooled; "-" where a
     data set has no such images): how far an expert's scale shifts between data sets, which one
     weight per expert cannot follow."""
-    lines = {}
+    found: dict[tuple[str, str, bool], list[float]] = {}
+    for record in records:
+        for name in experts:
+            score = _score(record, name)
+            if score is not None:
+                found.setdefault((name, record["dataset"], record["positive"]), []).append(score)
     datasets = sorted({r["dataset"] for r in records})
+    lines = {}
     for name in experts:
         cells = []
         for dataset in datasets:
-            means = []
-            for positive in (False, True):
-                found = [
-                    r["experts"][name]["score"]
-                    for r in records
-                    if r["dataset"] == dataset
-                    and r["positive"] == positive
-                    and r["experts"].get(name, {}).get("applicable")
-                    and r["experts"][name]["score"] is not None
-                ]
-                means.append(f"{np.mean(found):.2f}" if found else "-")
-            cells.append(f"{dataset} {' / '.join(means)}")
+            means = [found.get((name, dataset, positive)) for positive in (False, True)]
+            cells.append(f"{dataset} {' / '.join(f'{np.mean(m):.2f}' if m else '-' for m in means)}")
         lines[f"{name} mean val score, authentic / fake"] = ", ".join(cells)
     return lines
 
