@@ -43,7 +43,6 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-import pywt
 
 from experts.base import Evidence, ExpertError, not_applicable
 from experts.image import LoadedImage
@@ -97,6 +96,8 @@ KNOWN_PAYLOADS = (
 
 def _u_blocks(bgr: np.ndarray) -> np.ndarray:
     """4x4 blocks of the Haar LL band of the YUV U channel, in the library's raster order: (N, 4, 4)."""
+    import pywt  # only this decoder needs PyWavelets: importing the experts (a training run) does not
+
     rows, cols = bgr.shape[0] // 4 * 4, bgr.shape[1] // 4 * 4
     yuv = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2YUV)
     approx, _ = pywt.dwt2(yuv[:rows, :cols, 1].astype(np.float64), "haar")

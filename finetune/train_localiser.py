@@ -63,7 +63,7 @@ class LocaliserConfig(RecipeConfig):
     scale_low: float = 0.6
     scale_high: float = 1.2
     image_loss_weight: float = 0.5
-    workers: int = 1
+    workers: int = 1  # processes making batches; on a GPU machine, most of its cores
     max_minutes: float = 0.0  # stop training early (then calibrate and ship) after this long; 0: no limit
     val_limit: int = 80  # images of CASIA v1 val for the periodic evaluation; 0: all (the final one uses all)
     # "k/K": leave out the CASIA v1 train groups of fold k of K (tampered and authentic), so that the
@@ -160,12 +160,27 @@ def make_batch(seed: int, step: int, data: TrainingData, config: LocaliserConfig
 
 
 class BatchStream(torch.utils.data.IterableDataset):
+    """Batches first_step, first_step + 1, ...: with several loader workers, worker k of n makes every
+    n-th one, and the loader's round-robin puts them back in order."""
+
     def __init__(self, data: TrainingData, config: LocaliserConfig, first_step: int) -> None:
         self.data, self.config, self.first_step = data, config, first_step
 
     def __iter__(self):
-        for step in range(self.first_step, self.config.steps):
+        worker = torch.utils.data.get_worker_info()
+        offset, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        for step in range(self.first_step + offset, self.config.steps, stride):
             yield make_batch(self.config.seed, step, self.data, self.config)
+
+
+def batch_loader(data: TrainingData, config: LocaliserConfig, first_step: int) -> torch.utils.data.DataLoader:
+    if config.workers > 1:
+        # Each worker process makes whole batches, so OpenCV's threads would only fight over the cores.
+        # Set before the workers fork: setting it inside a forked worker hangs.
+        cv2.setNumThreads(1)
+    return torch.utils.data.DataLoader(
+        BatchStream(data, config, first_step), batch_size=None, num_workers=config.workers
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,12 +235,13 @@ def validation_outputs(model, examples, flips=((),)):
     """Per image: (pixel logit map at image size, image logit), averaged over the flipped copies (the
     periodic check: one pass; the final calibration: the expert's test-time flips)."""
     model.eval()
+    device = next(model.parameters()).device
     outputs = []
     with torch.inference_mode():
         for image, _, _ in examples:
-            logits, image_logit = flipped_logits(model, normalise(image), flips)
+            logits, image_logit = flipped_logits(model, normalise(image).to(device), flips)
             logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
-            outputs.append((logits[0, 0].numpy(), float(image_logit[0])))
+            outputs.append((logits[0, 0].cpu().numpy(), float(image_logit[0])))
     model.train()
     return outputs
 
@@ -317,13 +333,12 @@ def main(argv=None) -> int:
     model, optimiser = accelerator.prepare(model, optimiser)
     data = load_training_data(config)
     validation = load_validation(config, limit=config.val_limit)
-    stream = torch.utils.data.DataLoader(
-        BatchStream(data, config, step), batch_size=None, num_workers=config.workers
-    )
+    stream = batch_loader(data, config, step)
     model.train()
     started = time.time()
     progress = tqdm(total=config.steps, initial=step, desc="localiser", dynamic_ncols=True)
     for images, masks in stream:
+        images, masks = images.to(accelerator.device), masks.to(accelerator.device)
         for group, rate in zip(optimiser.param_groups, base_rates, strict=True):
             group["lr"] = rate * learning_rate_factor(step, config)
         logits, image_logits = model(normalise(images))
@@ -390,7 +405,7 @@ def finish(model, config: LocaliserConfig, history: list[dict], out: Path) -> di
     }
     (out / "scores.json").write_text(json.dumps({"scores": scores, "history": history}, indent=2))
     log.info("final: %s", scores)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, out / LOCALISER_FILE)
     if config.ship:
         card = CARD.format(flip_rows="\n".join(flip_rows))
