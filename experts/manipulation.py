@@ -272,12 +272,15 @@ def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]
 @dataclass(frozen=True)
 class ManipulationLocaliser:
     name = "manipulation"
-    version = "1"
+    version = "2"  # 2: works at 384 px (was 512)
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
         "retouched regions, that maps where the photo was edited and scores how likely an edit is."
     )
-    working_side: int = 512  # longest side the network sees; larger images are shrunk (area)
+    # Longest side the network sees; larger images are shrunk (area). 384 is CASIA's size, where the
+    # score is calibrated: at 512 it ran higher on other photos and found less in them
+    # (python -m benchmarks.localiser_scale, on val; experts/weights/manipulation.md).
+    working_side: int = 384
     min_side: int = 32
     min_region_fraction: float = 0.002
 

@@ -14,11 +14,11 @@ from experts.manipulation import ManipulationLocaliser, load_localiser
 
 pytestmark = pytest.mark.skipif(not available("manipulation"), reason="manipulation weights not shipped")
 
-# Measured with the shipped weights (experts/weights/manipulation.md, a short CPU run): IoU 0.198 on this
-# splice, whose truth covers 14% of the image, so marking the whole image would score IoU 0.14 (chance);
-# mean heatmap inside / outside the splice 1.54. The floors sit between chance and the measurement.
-SPLICE_IOU_FLOOR = 0.16
-HEAT_RATIO_FLOOR = 1.3
+# Measured with the shipped weights at the 384 px working side: IoU 0.85 on this splice, whose truth
+# covers 14% of the image, so marking the whole image would score IoU 0.14 (chance); mean heatmap inside
+# / outside the splice 18.5. The floors sit well between chance and the measurement.
+SPLICE_IOU_FLOOR = 0.6
+HEAT_RATIO_FLOOR = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_finds_a_splice_in_a_held_out_photo(held_out_splice):
 def test_scores_the_splice_above_the_pristine_photo(held_out_splice, pristine):
     spliced = ManipulationLocaliser().analyze(held_out_splice[0])
     clean = ManipulationLocaliser().analyze(pristine)
-    # The shipped weights separate these two only weakly (0.553 vs 0.573): an ordering, not a margin.
-    assert clean.score < spliced.score
+    # Measured 0.99 against 0.24 (at a 512 px working side the pristine photo scored 0.67).
+    assert clean.score < 0.5 <= spliced.score
 
 
 def test_evidence_contract(held_out_splice):
