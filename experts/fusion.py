@@ -23,6 +23,10 @@ The fused heatmap is a pixel-wise logistic model over the localising experts' he
 CASIA `val` and rescaled so that 0.5 is the threshold that gave the best pixel-F1 there; the verdict's
 mask is that heatmap at 0.5.
 
+An expert the image model weighs but that was not run at all (a partial analysis, `--experts ...`)
+counts at its typical contribution on `val`, not as one that looked and found nothing: what was not
+examined leans neither way.
+
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. With fewer
 than MIN_EXPERTS_TO_CLEAR experts able to examine the image, nothing is cleared. On a photo (larger
 than a thumbnail) the AI-image detector alone cannot make the verdict "AI-generated": it is validated
@@ -79,6 +83,7 @@ class ImageModel:
     presence: tuple[float, ...]  # c_i
     weight: tuple[float, ...]  # w_i >= 0
     temperature: float = 1.0
+    typical: tuple[float, ...] = ()  # c_i * applicable_i + w_i * score_i, averaged over the fit's val images
 
     def contributions(self, evidence: Sequence[Evidence]) -> list[Driver]:
         """One Driver per applicable expert with its contribution in log-odds (after temperature)."""
@@ -100,10 +105,19 @@ class ImageModel:
             drivers.append(Driver(item.expert, round(item.score, 4), weight, round(logit, 4)))
         return drivers
 
-    def probability(self, drivers: Sequence[Driver]) -> float:
+    def unexamined(self, evidence: Sequence[Evidence]) -> float:
+        """The log-odds (after temperature) of the experts this model weighs that were not run at all:
+        each counts at its typical contribution."""
+        ran = {item.expert for item in evidence}
+        typical = zip(self.experts, self.typical, strict=False)  # none stored (an older file): nothing
+        return sum(t for name, t in typical if name not in ran) / self.temperature
+
+    def probability(self, drivers: Sequence[Driver], unexamined: float = 0.0) -> float:
         provenance = [d.contribution for d in drivers if d.expert in PROVENANCE_EXPERTS]
         learned = [d.contribution for d in drivers if d.expert not in PROVENANCE_EXPERTS]
-        against = self.bias / self.temperature + sum(learned) + sum(c for c in provenance if c > 0)
+        against = (
+            self.bias / self.temperature + unexamined + sum(learned) + sum(c for c in provenance if c > 0)
+        )
         defence = sum(c for c in provenance if c < 0)
         if against > 0:  # intact provenance takes away at most half of the evidence against
             defence = max(defence, -0.5 * against)
@@ -156,6 +170,8 @@ class FusionModel:
             tensors[f"{context}.presence"] = torch.tensor(image.presence)
             tensors[f"{context}.weight"] = torch.tensor(image.weight)
             tensors[f"{context}.temperature"] = torch.tensor([image.temperature])
+            if image.typical:
+                tensors[f"{context}.typical"] = torch.tensor(image.typical)
         tensors |= {
             "pixel_weight": torch.tensor(self.pixel_weight or (0.0,)),
             "pixel_bias": torch.tensor([self.pixel_bias]),
@@ -181,6 +197,7 @@ class FusionModel:
                 presence=values(f"{context}.presence"),
                 weight=values(f"{context}.weight"),
                 temperature=values(f"{context}.temperature")[0],
+                typical=values(f"{context}.typical") if f"{context}.typical" in tensors else (),
             )
             for context, experts in json.loads(metadata["experts"]).items()
         }
@@ -243,9 +260,10 @@ def fuse(
     band = uncertain_band or model.uncertain_band
     image_model = model.image_model(shape)
     drivers = image_model.contributions(evidence)
+    unexamined = image_model.unexamined(evidence)
     if lone_detector and _lone_witness(evidence, drivers, shape, lone_detector):
-        drivers = _held_below(drivers, lone_detector, band[1], image_model)
-    probability = image_model.probability(drivers)
+        drivers = _held_below(drivers, lone_detector, band[1], image_model, unexamined)
+    probability = image_model.probability(drivers, unexamined)
     drivers.sort(key=lambda d: abs(d.contribution), reverse=True)
     examined = [d for d in drivers if d.expert in image_model.experts or d.expert in PROVENANCE_EXPERTS]
     low, high = band
@@ -296,14 +314,16 @@ def _lone_witness(
     return context_of(shape) == PHOTO and not seconded and _kind(evidence, drivers) == "ai_generated"
 
 
-def _held_below(drivers: list[Driver], expert: str, high: float, model: ImageModel) -> list[Driver]:
+def _held_below(
+    drivers: list[Driver], expert: str, high: float, model: ImageModel, unexamined: float = 0.0
+) -> list[Driver]:
     """The drivers with `expert`'s contribution cut so that it raises the probability at most to `high`
     (not at all when the others already pass it)."""
     held = next((d for d in drivers if d.expert == expert and d.contribution > 0), None)
     if held is None:
         return drivers
     others = [d for d in drivers if d is not held]
-    room = _logit(high) - _logit(model.probability(others))
+    room = _logit(high) - _logit(model.probability(others, unexamined))
     contribution = min(held.contribution, math.floor(max(room, 0.0) * 1e4) / 1e4)  # rounded down
     return [*others, replace(held, contribution=contribution, held=contribution < held.contribution)]
 

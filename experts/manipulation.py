@@ -25,7 +25,6 @@ why).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -337,8 +336,3 @@ class ManipulationLocaliser:
             details=details,
             version=self.version,
         )
-
-
-def logit(probability: float) -> float:
-    probability = min(max(probability, 1e-6), 1 - 1e-6)
-    return math.log(probability / (1 - probability))

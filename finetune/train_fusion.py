@@ -380,12 +380,15 @@ def fit_image_model(
     coefficients, bias = fit_logistic(
         features, labels, nonnegative, config.l2, weights, config.presence_bound, fixed
     )
+    # What each expert typically adds, weighed as in the fit: an expert not run counts at this.
+    typical = np.average(features * coefficients, axis=0, weights=weights)
     model = ImageModel(
         experts=tuple(experts),
         bias=bias,
         presence=tuple(float(c) for c in coefficients[:k]),
         weight=tuple(float(c) for c in coefficients[k:]),
         temperature=temperature,
+        typical=tuple(float(typical[i] + typical[k + i]) for i in range(k)),
     )
     return model, 1.0 / (1.0 + np.exp(-out_of_fold / temperature))
 
@@ -523,6 +526,11 @@ validated on CIFAKE thumbnails; on photos its `val` evidence is 9 playground ima
 photos it called pristine camera JPEGs AI-generated (its card, "Limits"). This too was set after
 seeing pristine `test` photos. What it changes on `val` is under Scores ("val verdicts", in-sample).
 
+An expert the model weighs that was not run at all (`forensics analyze --experts ...`) counts at its
+typical contribution t, c * presence + w * score averaged over the fit's `val` images with the fit's
+weights, not as an expert that looked and found nothing: a partial analysis leans neither way on what
+it did not examine.
+
 {rows}
 
 Pixel model: {pixel_rows}; bias {pixel_bias:.3f}.
@@ -538,16 +546,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.ship:
         tensors, metadata = model.to_tensors()
         contexts = list(model.image_models)
-        header = " | ".join(f"{c} presence c (defence if < 0) | {c} score weight w" for c in contexts)
-        rows = [f"| expert | {header} |", "|---|" + "---:|---:|" * len(contexts)]
+        header = " | ".join(
+            f"{c} presence c (defence if < 0) | {c} score weight w | {c} typical t (not run)"
+            for c in contexts
+        )
+        rows = [f"| expert | {header} |", "|---|" + "---:|---:|---:|" * len(contexts)]
         for i, name in enumerate(model.image_models[contexts[0]].experts):
             cells = " | ".join(
-                f"{m.presence[i]:+.3f} | {m.weight[i]:.3f}" for m in model.image_models.values()
+                f"{m.presence[i]:+.3f} | {m.weight[i]:.3f} | {m.typical[i]:+.3f}"
+                for m in model.image_models.values()
             )
             rows.append(f"| {name} | {cells} |")
         rows.append(
             "| bias, temperature | "
-            + " | ".join(f"{m.bias:+.3f} | {m.temperature:.3f}" for m in model.image_models.values())
+            + " | ".join(f"{m.bias:+.3f} | {m.temperature:.3f} | —" for m in model.image_models.values())
             + " |"
         )
         pixel_rows = ", ".join(

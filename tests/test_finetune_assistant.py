@@ -123,9 +123,7 @@ def test_called_experts_lead_the_reasons_when_asked_about_or_when_they_agree() -
     from assistant.analysis import analyze
     from finetune.instructions import leading_experts
 
-    # Every expert: the fusion reads a learned expert that was not run like one that found nothing, so
-    # the classical ones alone leave this splice at 0.24 (authentic).
-    analysis = analyze(load_image(samples.splice().data))
+    analysis = analyze(load_image(samples.splice().data), CLASSICAL)
     scores = {e.expert: e.score for e in analysis.evidence}
     assert analysis.verdict.label != "authentic" and scores["jpeg"] >= 0.5 > scores["copy_move"]
     assert leading_experts("edit", ["copy_move", "jpeg"], analysis) == ["jpeg"]  # found nothing: no reason

@@ -42,6 +42,32 @@ def test_probability_is_the_logistic_model_over_presence_and_scores():
     assert [d.expert for d in verdict.drivers] == ["ela", "noise"]  # strongest first, for or against
 
 
+def test_an_expert_not_run_counts_at_its_typical_contribution_not_as_a_clean_finding():
+    typical = replace(MODEL.image_models[PHOTO], typical=(0.4, 0.2, 0.6, 1.0))
+    model = replace(MODEL, image_models={PHOTO: typical})
+    ran = [evidence("ela", 0.8), evidence("noise", 0.1), evidence("copy_move", None)]  # metadata not run
+    verdict = fuse(ran, SHAPE, model)
+    logit = (-1.0 + (-0.5 + 3.0 * 0.8) + (-0.5 + 2.0 * 0.1) + 1.0) / 2.0
+    assert verdict.probability == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-4)
+    assert [d.expert for d in verdict.drivers] == ["ela", "noise"]  # a default, not evidence: no driver
+    # copy_move ran and could not examine the image: that adds nothing, as before
+    looked = fuse([*ran, evidence("metadata", None)], SHAPE, model)
+    assert looked.probability == pytest.approx(fuse(ran, SHAPE, MODEL).probability, abs=1e-4)
+
+
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_a_partial_analysis_does_not_clear_on_experts_it_did_not_run():
+    """The classical experts alone: the learned ones count at their typical contribution, so the
+    built-in splice is still accused and the untouched photo is not cleared on their silence."""
+    from assistant.analysis import analyze
+    from experts import load_image, samples
+
+    classical = ["ela", "noise", "jpeg", "copy_move", "metadata", "frequency"]
+    assert analyze(load_image(samples.splice().data), classical).verdict.label == "manipulated"
+    assert analyze(load_image(samples.authentic().data), classical).verdict.label == "uncertain"
+    assert analyze(load_image(samples.authentic().data)).verdict.label == "authentic"  # every expert
+
+
 def test_too_little_evidence_is_uncertain_not_authentic():
     verdict = fuse([evidence("ela", None)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None
@@ -99,6 +125,10 @@ def test_model_round_trips_through_tensors():
     assert image.experts == expected.experts and again.pixel_experts == MODEL.pixel_experts
     assert image.weight == pytest.approx(expected.weight) and image.temperature == pytest.approx(2.0)
     assert again.uncertain_band == (0.35, 0.65)  # exactly the setting, as reports print it
+    assert image.typical == ()  # a file without typical contributions (before stop 23) reads as none
+    typical = replace(MODEL, image_models={PHOTO: replace(expected, typical=(0.5, -0.25, 1.0, 0.0))})
+    again = FusionModel.from_tensors(*typical.to_tensors(), "fitted")
+    assert again.image_models[PHOTO].typical == pytest.approx((0.5, -0.25, 1.0, 0.0))
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
