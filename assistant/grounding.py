@@ -605,12 +605,16 @@ def check_answer(
     return list(dict.fromkeys(problems))
 
 
-_LINE_HEAD = re.compile(r"^(?:Why:|What the experts saw:|[-*•])\s*")
+_LINE_HEAD = re.compile(
+    r"^(?:Why:|What the experts saw:|A word of caution:|Caveat:|The evidence is not the whole story:"
+    r"|[-*•])\s*"
+)
 
 
 def _without_repeated_lines(text: str) -> str:
-    """The text without a line that repeats an earlier one, heading or bullet aside ("Why: ela (score
-    0.01): ..." then "ela (score 0.01): ..."): a reason quoted twice says nothing new."""
+    """The text without a line that repeats an earlier one, heading, caveat opening or bullet aside
+    ("Why: ela (score 0.01): ..." then "ela (score 0.01): ..."; a caveat, then "A word of caution:" and
+    the same caveat): a reason or caveat said twice says nothing new."""
     seen: set[str] = set()
     kept = []
     for line in text.split("\n"):

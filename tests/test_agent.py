@@ -726,6 +726,13 @@ def test_tidy_answer_drops_a_reason_quoted_twice_and_keeps_what_follows():
     assert tidy_answer(twice) == f"image_1 is uncertain.\nWhy: {reason}\n{CAVEATS['uncertain']}"
 
 
+def test_tidy_answer_drops_a_caveat_said_twice_under_another_opening():
+    caveat = "The evidence is weak either way: the detector's score alone does not decide on a photo."
+    said = f"image_1 is uncertain.\nWhy: ai_generated (score 0.61): AI-like.\n{caveat}"
+    again = f"A word of caution: {caveat[0].lower()}{caveat[1:]}"
+    assert tidy_answer(f"{said}\n{again}") == said
+
+
 def test_a_looping_answer_is_tidied_and_kept_without_a_retry():
     P = splice_facts()[0]  # the fused probability of the splice, as a percentage
     again = "The centre was edited by someone."
