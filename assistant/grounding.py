@@ -605,9 +605,17 @@ def check_answer(
     return list(dict.fromkeys(problems))
 
 
+# How a line that opens one of the trained caveats goes on to the caveat of the verdict's label (the
+# answer guide completes them; a repeated line is compared without them).
+CAVEAT_LINKS = {
+    "A": " word of caution: ",
+    "Caveat": ": ",
+    "Caveat:": " ",
+    "The evidence": " is not the whole story: ",
+}
+_CAVEAT_OPENINGS = sorted({(opening + link).strip() for opening, link in CAVEAT_LINKS.items()})
 _LINE_HEAD = re.compile(
-    r"^(?:Why:|What the experts saw:|A word of caution:|Caveat:|The evidence is not the whole story:"
-    r"|[-*•])\s*"
+    r"^(?:Why:|What the experts saw:|" + "|".join(map(re.escape, _CAVEAT_OPENINGS)) + r"|[-*•])\s*"
 )
 
 

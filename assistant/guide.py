@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 
 from assistant.backends.base import Guide
 from assistant.grounding import (
+    CAVEAT_LINKS,
     INSTRUCTION_NOTE,
     LABEL_WORDS,
     NO_INSTRUCTION_NOTE,
@@ -54,14 +55,8 @@ _REASON_SLOT = re.compile(
 _WHERE_SLOT = re.compile(r"(?:^|\n)Where:$")
 _NOTE_SLOT = re.compile(r"(?:^|\n|Why: |What the experts saw: )The file's$")
 _WHY_SLOT = re.compile(r"(?:^|\n)(?:Why|What the experts saw):$")
-# How a line that opens one of the trained caveats goes on to the caveat of the verdict's label.
+# A line that opens one of the trained caveats (CAVEAT_LINKS: how it goes on to the verdict's caveat).
 _CAVEAT_SLOT = re.compile(r"\n(?P<opening>A|Caveat:?|The evidence)$")
-_CAVEAT_LINKS = {
-    "A": " word of caution: ",
-    "Caveat": ": ",
-    "Caveat:": " ",
-    "The evidence": " is not the whole story: ",
-}
 _IMAGE_ID = re.compile(r"\bimage_\d+\b")
 
 
@@ -141,4 +136,4 @@ def _caveat(opening: str, caveat: str) -> str:
     if caveat.startswith(opening):
         return caveat.removeprefix(opening)
     body = caveat.removeprefix("Caveat: ")
-    return _CAVEAT_LINKS[opening] + body[0].lower() + body[1:]
+    return CAVEAT_LINKS[opening] + body[0].lower() + body[1:]

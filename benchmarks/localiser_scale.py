@@ -28,7 +28,7 @@ from experts.maps import fit_longest_side
 from finetune.augment import recompress
 from finetune.data import manifest_items, read_mask, read_rgb
 from finetune.synth import MANIPULATIONS, shapes_from_masks
-from finetune.train_localiser import f1, roc_auc
+from finetune.train_localiser import LocaliserConfig, f1, load_validation, roc_auc
 
 FORGERY_KINDS = ("splice", "copy_move", "removal", "retouch")
 MAX_SIDE = 1024
@@ -36,8 +36,8 @@ AUTHENTIC = {"casia1": ["authentic"], "faces_real": ["real_face"], "ai_playgroun
 
 
 def val_forgeries(per_host: int, seed: int = 0):
-    """(image, truth mask or None) pairs: each full-size non-CASIA val photo untouched, then `per_host`
-    forgeries of it, all re-saved at JPEG 90."""
+    """(image, forged, truth mask or None) as `load_validation` gives them: each full-size non-CASIA
+    val photo untouched, then `per_host` forgeries of it, all re-saved at JPEG 90."""
     rng = np.random.default_rng(seed)
     casia = manifest_items(["casia1"], "val", ["manipulated"])
     shapes = shapes_from_masks([read_mask(i.mask_file) for i in casia if i.mask_file])
@@ -47,23 +47,23 @@ def val_forgeries(per_host: int, seed: int = 0):
     ]
     examples = []
     for index, host in enumerate(photos):
-        examples.append((recompress(host, 90), None))
+        examples.append((recompress(host, 90), False, None))
         for k in range(per_host):
             donor = photos[(index + 1 + k) % len(photos)]
             kind = FORGERY_KINDS[(index + k) % len(FORGERY_KINDS)]
             edited, mask = MANIPULATIONS[kind](rng, host, donor, shapes[int(rng.integers(len(shapes)))])
-            examples.append((recompress(edited, 90), mask))
+            examples.append((recompress(edited, 90), True, mask))
     return examples
 
 
-def measure(expert: ManipulationLocaliser, examples: Sequence[tuple[np.ndarray, np.ndarray | None]]):
-    """(image AUC, mean pixel-F1 over the forged images) of (image, truth or None) pairs."""
+def measure(expert: ManipulationLocaliser, examples: Sequence[tuple[np.ndarray, bool, np.ndarray | None]]):
+    """(image AUC, mean pixel-F1 over the images with a truth mask) of (image, positive, truth)."""
     scores, labels, pixel = [], [], []
-    for image, truth in examples:
+    for image, positive, truth in examples:
         evidence = expert.analyze(load_image(image))
         scores.append(evidence.score)
-        labels.append(truth is not None)
-        if truth is not None:
+        labels.append(positive)
+        if truth is not None and truth.any():
             pixel.append(f1(evidence.mask, truth))
     return roc_auc(np.array(labels), np.array(scores)), float(np.mean(pixel))
 
@@ -75,20 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sides = [int(s) for s in args.sides.split(",")]
 
-    casia = []
-    for item in manifest_items(["casia1"], "val"):
-        image = read_rgb(item.file)
-        truth = (
-            read_mask(item.mask_file, image.shape[:2]) if item.mask_file else np.zeros(image.shape[:2], bool)
-        )
-        casia.append((image, truth if item.positive else None))
+    casia = load_validation(LocaliserConfig(), quality=None)
     authentic = {
         name: [read_rgb(i.file) for i in manifest_items([name], "val", labels)]
         for name, labels in AUTHENTIC.items()
     }
     forgeries = val_forgeries(args.per_host)
     counts = ", ".join(f"{name} {len(photos)}" for name, photos in authentic.items())
-    forged = sum(truth is not None for _, truth in forgeries)
+    forged = sum(positive for _, positive, _ in forgeries)
     print(
         f"val: CASIA v1 {len(casia)} images; authentic {counts}; "
         f"{len(forgeries) - forged} full-size photos with {forged} forgeries"

@@ -112,7 +112,7 @@ class ImageModel:
         typical = zip(self.experts, self.typical, strict=False)  # none stored (an older file): nothing
         return sum(t for name, t in typical if name not in ran) / self.temperature
 
-    def probability(self, drivers: Sequence[Driver], unexamined: float = 0.0) -> float:
+    def probability(self, drivers: Sequence[Driver], unexamined: float) -> float:
         provenance = [d.contribution for d in drivers if d.expert in PROVENANCE_EXPERTS]
         learned = [d.contribution for d in drivers if d.expert not in PROVENANCE_EXPERTS]
         against = (
@@ -315,7 +315,7 @@ def _lone_witness(
 
 
 def _held_below(
-    drivers: list[Driver], expert: str, high: float, model: ImageModel, unexamined: float = 0.0
+    drivers: list[Driver], expert: str, high: float, model: ImageModel, unexamined: float
 ) -> list[Driver]:
     """The drivers with `expert`'s contribution cut so that it raises the probability at most to `high`
     (not at all when the others already pass it)."""
