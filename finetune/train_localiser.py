@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from experts.backbone import normalise
@@ -70,6 +70,10 @@ class LocaliserConfig(RecipeConfig):
     # localiser's regions on them are like those on images it never saw (the student's cross-fitted
     # refinement prompts, finetune/train_student.py --localiser-folds).
     holdout: str = ""
+    # A weights file of the same network (e.g. experts/weights/manipulation.safetensors) to start from
+    # instead of the ImageNet encoder and a fresh decoder: a longer run in several sittings. Its stored
+    # threshold and calibration are chosen again at the end.
+    init: str = ""
 
 
 def post_process(config: LocaliserConfig) -> PostProcess:
@@ -307,14 +311,23 @@ def learning_rate_factor(step: int, config: LocaliserConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def main(argv=None) -> int:
+def new_model(config: LocaliserConfig):
+    """The network a run starts from: the ImageNet encoder with a fresh decoder, or `config.init`."""
     from experts.manipulation import LocaliserNet
 
+    model = LocaliserNet(trace_front_end=config.trace_front_end, pretrained=not config.init)
+    if config.init:
+        model.load_state_dict({k: v.float() for k, v in load_file(config.init).items()}, strict=True)
+        log.info("starting from %s", config.init)
+    return model
+
+
+def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = parse_config(LocaliserConfig, argv)
     accelerator = start(config)
     out = Path(config.out)
-    model = LocaliserNet(trace_front_end=config.trace_front_end, pretrained=True)
+    model = new_model(config)
     encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     optimiser = torch.optim.AdamW(

@@ -8,7 +8,13 @@ import torch
 from skimage import data
 
 from finetune.synth import Synthesiser
-from finetune.train_localiser import LocaliserConfig, TrainingData, batch_loader, validation_outputs
+from finetune.train_localiser import (
+    LocaliserConfig,
+    TrainingData,
+    batch_loader,
+    new_model,
+    validation_outputs,
+)
 
 
 def small_training_data() -> TrainingData:
@@ -43,3 +49,13 @@ def test_validation_outputs_are_numpy_at_image_size():
     assert isinstance(logits, np.ndarray) and logits.shape == image.shape[:2]
     assert isinstance(image_logit, float)
     assert model.training  # handed back in training mode
+
+
+def test_a_run_can_start_from_shipped_weights():
+    from experts.learned import load_weights, weights_file
+    from experts.manipulation import WEIGHTS_NAME
+
+    model = new_model(LocaliserConfig(init=str(weights_file(WEIGHTS_NAME))))
+    stored = load_weights(WEIGHTS_NAME)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, stored[name].to(value.dtype)), name
