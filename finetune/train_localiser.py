@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from experts.backbone import normalise
@@ -313,13 +313,12 @@ def learning_rate_factor(step: int, config: LocaliserConfig) -> float:
 
 def new_model(config: LocaliserConfig):
     """The network a run starts from: the ImageNet encoder with a fresh decoder, or `config.init`."""
-    from experts.manipulation import LocaliserNet
+    from experts.manipulation import LocaliserNet, load_localiser
 
-    model = LocaliserNet(trace_front_end=config.trace_front_end, pretrained=not config.init)
     if config.init:
-        model.load_state_dict({k: v.float() for k, v in load_file(config.init).items()}, strict=True)
         log.info("starting from %s", config.init)
-    return model
+        return load_localiser.__wrapped__(config.init)  # uncached: training changes it
+    return LocaliserNet(trace_front_end=config.trace_front_end, pretrained=True)
 
 
 def main(argv=None) -> int:
