@@ -101,6 +101,15 @@ _EXEMPT_PHRASES = (  # fixed phrases that name a label without claiming it, and 
         " probability ",
     ),
     (re.compile(r"\buncertain\s+(?:band|range|zone|interval)\b", re.IGNORECASE), " band "),
+    # what a network learned from, not what this image is: "a network trained on edited photos"
+    (
+        re.compile(
+            r"\b(?:trained|learned|learnt)\s+(?:on|from)\s+(?:[\w-]+\s+){0,3}?"
+            r"(?:photos|images|pictures|faces|examples|data)\b",
+            re.IGNORECASE,
+        ),
+        " trained ",
+    ),
 )
 
 _NUMBER = re.compile(

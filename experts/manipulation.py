@@ -271,7 +271,7 @@ def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]
 @dataclass(frozen=True)
 class ManipulationLocaliser:
     name = "manipulation"
-    version = "2"  # 2: works at 384 px (was 512)
+    version = "3"  # 2: works at 384 px (was 512); 3: the summary states the score once
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
         "retouched regions, that maps where the photo was edited and scores how likely an edit is."
@@ -308,22 +308,19 @@ class ManipulationLocaliser:
             "peak_pixel_probability": round(float(heatmap.max()), 4),
             "working_size": [int(pixels.shape[1]), int(pixels.shape[0])],
         }
+        # The score is shown beside every finding ("score 0.73"), so the sentence does not repeat it
+        # as a percentage: one number less for the assistant to copy, and none to read as a verdict.
         percent = f"{100 * fraction:.1f}%"
         if score >= 0.5 and mask.any():
-            summary = (
-                f"A network trained on edited photos marks {percent} of the image as likely edited "
-                f"and rates an edit {100 * score:.0f}% likely."
-            )
+            summary = f"A network trained on edited photos marks {percent} of the image as likely edited."
         elif score >= 0.5:
             summary = (
-                f"A network trained on edited photos rates an edit {100 * score:.0f}% likely but cannot "
-                "pin it to one region: weak evidence on its own."
+                "A network trained on edited photos finds signs of an edit but cannot pin them to one "
+                "region: weak evidence on its own."
             )
         else:
-            summary = (
-                f"A network trained on edited photos finds no convincing edited region (edit "
-                f"{100 * score:.0f}% likely"
-                + (f"; {percent} of the image is faintly marked)." if mask.any() else ").")
+            summary = "A network trained on edited photos finds no convincing edited region" + (
+                f"; {percent} of the image is faintly marked." if mask.any() else "."
             )
         return Evidence(
             expert=self.name,

@@ -615,6 +615,10 @@ NOISE = Evidence("noise", 0.6, True, "The noise in the marked region is 3.1x the
         ("authentic", "The image is not authentic.", False),
         ("authentic", "The image may have been edited.", False),
         ("authentic", "It is genuine; a 50% probability of being real.", True),
+        # what a network was trained on is not a claim about this image, quoted exactly or not
+        ("ai_generated", "It is AI-generated; a network trained on edited photos marks a region.", True),
+        ("authentic", "It is authentic; a detector trained on AI-generated images says so too.", True),
+        ("authentic", "It is authentic, though a network trained on photos finds it edited.", False),
     ],
 )
 def test_check_answer_for_each_label(label, text, ok):
