@@ -372,9 +372,8 @@ def _verdict_line(verdict: Verdict, where: Sequence[str], image_id: str) -> str:
     return (
         f"Fused verdict for {image_id} (over {len(verdict.drivers)} experts; this is the verdict to "
         f"report): {verdict.label}, probability of manipulation or "
-        f"AI generation {verdict.probability:.2f} (between {low:.2f} and {high:.2f} the verdict is "
-        "uncertain). "
-        f"Where: {place}."
+        f"AI generation {verdict.probability:.2f} ({verdict.probability:.0%}; between {low:.2f} and "
+        f"{high:.2f} the verdict is uncertain). Where: {place}."
     )
 
 
