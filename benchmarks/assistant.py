@@ -144,12 +144,10 @@ def prefill_rate(backend, agent) -> float:
     return backend.count_tokens(text) / elapsed
 
 
-def speed(args) -> None:
+def speed(args, backend) -> None:
     cold = cold_start()
     from assistant.agent import Agent, Conversation
-    from assistant.backends import load_backend
 
-    backend = load_backend()
     agent = Agent(backend, retry_answer=args.retry_answer)
     agent.warm_up()  # as ForensicsAssistant.load() and the app do before they report ready
     meter = Meter(backend)
@@ -170,7 +168,7 @@ def speed(args) -> None:
                 f"fallback={answer.fallback}, corrected={answer.corrected})",
             )
         )
-    backend.generate = meter.generate
+    del backend.generate  # the backend's own method again
     rate, count = decode_rate(backend)
     rows.append(("generated tokens/s (decode)", f"{rate:.1f} ({count} tokens)"))
     rows.append(("prefill tokens/s (no cached prefix)", f"{prefill_rate(backend, agent):.0f}"))
@@ -230,16 +228,14 @@ def images(count: int) -> list[tuple[str, bytes]]:
     return found[:count]
 
 
-def questions(args) -> None:
+def questions(args, backend) -> None:
     from assistant.agent import Agent, Conversation
-    from assistant.backends import load_backend
     from assistant.grounding import check_answer
 
     total, count = (
         (max(args.questions, 50), max(args.images, 20)) if args.full else (args.questions, args.images)
     )
     pictures = images(count)
-    backend = load_backend()
     agent = Agent(backend, retry_answer=args.retry_answer)
     meter = Meter(backend)
     per_image = [total // len(pictures) + (i < total % len(pictures)) for i in range(len(pictures))]
@@ -270,7 +266,13 @@ def questions(args) -> None:
             matched += ok
             flags = "".join(f for f, on in (("F", answer.fallback), ("C", answer.corrected)) if on)
             said = " ".join(answer.text.split())[:90]
-            print(f"  {times[-1]:5.1f} s {flags:2} {name[:34]:34} {question[:38]!r}: {said}", flush=True)
+            peak = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )  # MB so far: which turn raises it
+            print(
+                f"  {times[-1]:5.1f} s {peak:5.0f} MB {flags:2} {name[:34]:34} {question[:38]!r}: {said}",
+                flush=True,
+            )
     times.sort()
     rows = [
         ("load average (1, 5, 15 min)", load_text()),
@@ -318,10 +320,14 @@ def main() -> None:
     if args.threads_sweep:
         threads_sweep(args)
         return
+    from assistant.backends import load_backend
+
+    # One backend for both parts, as in the app: a second copy of the model would count in the peak RSS.
+    backend = load_backend()
     if not args.no_speed:
-        speed(args)
+        speed(args, backend)
     if args.questions > 0 or args.full:
-        questions(args)
+        questions(args, backend)
 
 
 if __name__ == "__main__":
