@@ -144,8 +144,7 @@ def prefill_rate(backend, agent) -> float:
     return backend.count_tokens(text) / elapsed
 
 
-def speed(args, backend) -> None:
-    cold = cold_start()
+def speed(args, backend, cold: float) -> None:
     from assistant.agent import Agent, Conversation
 
     agent = Agent(backend, retry_answer=args.retry_answer)
@@ -322,10 +321,12 @@ def main() -> None:
         return
     from assistant.backends import load_backend
 
-    # One backend for both parts, as in the app: a second copy of the model would count in the peak RSS.
+    # The cold start first, in a process of its own, while this one holds nothing; then one backend
+    # for both parts, as in the app: a second copy of the model would count in the peak RSS.
+    cold = None if args.no_speed else cold_start()
     backend = load_backend()
-    if not args.no_speed:
-        speed(args, backend)
+    if cold is not None:
+        speed(args, backend, cold)
     if args.questions > 0 or args.full:
         questions(args, backend)
 
