@@ -265,9 +265,8 @@ def questions(args, backend) -> None:
             matched += ok
             flags = "".join(f for f, on in (("F", answer.fallback), ("C", answer.corrected)) if on)
             said = " ".join(answer.text.split())[:90]
-            peak = (
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            )  # MB so far: which turn raises it
+            # the peak RSS so far, in MB: which turn raises it
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(
                 f"  {times[-1]:5.1f} s {peak:5.0f} MB {flags:2} {name[:34]:34} {question[:38]!r}: {said}",
                 flush=True,
