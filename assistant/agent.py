@@ -39,7 +39,9 @@ from assistant.grounding import (
     compose_answer,
     experts_named,
     finding_agrees,
+    first_sentence,
     form_problems,
+    ranked_reasons,
     score_text,
     tidy_answer,
 )
@@ -377,6 +379,20 @@ def _verdict_line(verdict: Verdict, where: Sequence[str], image_id: str) -> str:
     )
 
 
+def _verdict_reasons(analysis: Analysis, shown: str | None = None, many: int = 2) -> str:
+    """The experts that most support the fused verdict (ranked_reasons, the one already shown left out),
+    each as an answer quotes it, so that every score an answer cites is in front of the model."""
+    lines = []
+    for item in [e for e in ranked_reasons(analysis.verdict, analysis.evidence) if e.expert != shown][:many]:
+        head = f"- {item.expert} ({score_text(item)}):"
+        summary = first_sentence(item.summary)
+        lines.append(f"{head}\n{_wrap(summary, item.expert)}" if _is_untrusted(item) else f"{head} {summary}")
+    if not lines:
+        return ""
+    untrusted_note = f"\n{UNTRUSTED_NOTE}" if any("\n" in line for line in lines) else ""
+    return "\nWhat most supports the verdict:\n" + "\n".join(lines) + untrusted_note
+
+
 def observe_analysis(analysis: Analysis, image: LoadedImage, image_id: str) -> str:
     """analyze_image's result: the fused verdict first, then every expert, strongest first."""
     verdict = analysis.verdict
@@ -678,7 +694,10 @@ class Agent:
         analysis = self._analysis(turn.conversation, image_id)
         verdict_where = where_phrases(analysis.verdict.mask, image.orientation)
         observation = observe_evidence(item, image_id, where, call.arguments if settings else None)
-        return (item,), f"{observation}\n{_verdict_line(analysis.verdict, verdict_where, image_id)}"
+        verdict = _verdict_line(analysis.verdict, verdict_where, image_id) + _verdict_reasons(
+            analysis, call.name
+        )
+        return (item,), f"{observation}\n{verdict}"
 
     def _show_map(self, turn: _Turn, expert: str, image_id: str) -> tuple[tuple[Evidence, ...], str]:
         analysis = self._analysis(turn.conversation, image_id)
@@ -692,10 +711,13 @@ class Agent:
                 return (), (
                     f"The fused verdict for {image_id} marks no region, so there is no fused mask to show. "
                     + _verdict_line(analysis.verdict, where, image_id)
+                    + _verdict_reasons(analysis)
                 )
             turn.masks[FUSED_MAP + suffix] = mask
-            return (), f"Attached the fused mask of {image_id} to the answer. " + _verdict_line(
-                analysis.verdict, where, image_id
+            return (), (
+                f"Attached the fused mask of {image_id} to the answer. "
+                + _verdict_line(analysis.verdict, where, image_id)
+                + _verdict_reasons(analysis)
             )
         item = analysis.evidence_for(expert) or run_expert(image, expert)
         if item.heatmap is None and item.mask is None:
