@@ -167,6 +167,21 @@ def test_by_default_a_wrong_answer_is_replaced_by_the_grounded_one_at_once():
     assert len(backend.calls) == 2  # plan, answer; no retry
 
 
+def test_an_expert_result_shows_the_experts_behind_the_verdict_with_the_lines_answers_quote():
+    # An answer about one expert also cites the experts that drove the verdict: their scores must be
+    # in the model's context, not only in the evidence the check reads.
+    from assistant.grounding import ranked_reasons, reason_line
+
+    backend = ScriptedBackend(call("copy_move"), "It looks edited.")
+    answer = Agent(backend).ask(Conversation(), "Is there a duplicated area?", [splice()])
+    tool_message = next(m for m in backend.calls[1][0] if m.role == "tool")
+    leading = [e for e in ranked_reasons(answer.verdict, answer.evidence) if e.expert != "copy_move"][:2]
+    assert leading and "What most supports the verdict:" in tool_message.content
+    for item in leading:
+        assert f"- {reason_line(item)}" in tool_message.content
+    assert tool_message.content.count("- copy_move (") == 0  # the called expert is shown once, above
+
+
 @pytest.mark.parametrize("guided", [True, False])
 def test_the_model_writes_with_the_evidence_guide(guided):
     backend = ScriptedBackend(call("ela"), "It looks edited.")
