@@ -382,15 +382,16 @@ def _verdict_line(verdict: Verdict, where: Sequence[str], image_id: str) -> str:
 def _verdict_reasons(analysis: Analysis, shown: str | None = None, many: int = 2) -> str:
     """The experts that most support the fused verdict (ranked_reasons, the one already shown left out),
     each as an answer quotes it, so that every score an answer cites is in front of the model."""
-    lines = []
-    for item in [e for e in ranked_reasons(analysis.verdict, analysis.evidence) if e.expert != shown][:many]:
-        head = f"- {item.expert} ({score_text(item)}):"
-        summary = first_sentence(item.summary)
-        lines.append(f"{head}\n{_wrap(summary, item.expert)}" if _is_untrusted(item) else f"{head} {summary}")
-    if not lines:
+    leading = [e for e in ranked_reasons(analysis.verdict, analysis.evidence) if e.expert != shown][:many]
+    if not leading:
         return ""
-    untrusted_note = f"\n{UNTRUSTED_NOTE}" if any("\n" in line for line in lines) else ""
-    return "\nWhat most supports the verdict:\n" + "\n".join(lines) + untrusted_note
+    lines = ["", "What most supports the verdict:"]
+    for item in leading:
+        head, summary = f"- {item.expert} ({score_text(item)}):", first_sentence(item.summary)
+        lines.append(f"{head}\n{_wrap(summary, item.expert)}" if _is_untrusted(item) else f"{head} {summary}")
+    if any(_is_untrusted(item) for item in leading):
+        lines.append(UNTRUSTED_NOTE)
+    return "\n".join(lines)
 
 
 def observe_analysis(analysis: Analysis, image: LoadedImage, image_id: str) -> str:
