@@ -42,6 +42,7 @@ from assistant.grounding import (
     first_sentence,
     form_problems,
     ranked_reasons,
+    reason_line,
     score_text,
     tidy_answer,
 )
@@ -379,16 +380,23 @@ def _verdict_line(verdict: Verdict, where: Sequence[str], image_id: str) -> str:
     )
 
 
-def _verdict_reasons(analysis: Analysis, shown: str | None = None, many: int = 2) -> str:
-    """The experts that most support the fused verdict (ranked_reasons, the one already shown left out),
-    each as an answer quotes it, so that every score an answer cites is in front of the model."""
+def _verdict_with_reasons(
+    analysis: Analysis, where: Sequence[str], image_id: str, shown: str | None = None, many: int = 2
+) -> str:
+    """The verdict line, then the experts that most support the verdict (ranked_reasons, the one already
+    shown left out), each as an answer quotes it, so that every score an answer cites is in front of
+    the model."""
+    text = _verdict_line(analysis.verdict, where, image_id)
     leading = [e for e in ranked_reasons(analysis.verdict, analysis.evidence) if e.expert != shown][:many]
     if not leading:
-        return ""
-    lines = ["", "What most supports the verdict:"]
+        return text
+    lines = [text, "What most supports the verdict:"]
     for item in leading:
-        head, summary = f"- {item.expert} ({score_text(item)}):", first_sentence(item.summary)
-        lines.append(f"{head}\n{_wrap(summary, item.expert)}" if _is_untrusted(item) else f"{head} {summary}")
+        if _is_untrusted(item):
+            summary = _wrap(first_sentence(item.summary), item.expert)
+            lines.append(f"- {item.expert} ({score_text(item)}):\n{summary}")
+        else:
+            lines.append(f"- {reason_line(item)}")
     if any(_is_untrusted(item) for item in leading):
         lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)
@@ -695,9 +703,7 @@ class Agent:
         analysis = self._analysis(turn.conversation, image_id)
         verdict_where = where_phrases(analysis.verdict.mask, image.orientation)
         observation = observe_evidence(item, image_id, where, call.arguments if settings else None)
-        verdict = _verdict_line(analysis.verdict, verdict_where, image_id) + _verdict_reasons(
-            analysis, call.name
-        )
+        verdict = _verdict_with_reasons(analysis, verdict_where, image_id, shown=call.name)
         return (item,), f"{observation}\n{verdict}"
 
     def _show_map(self, turn: _Turn, expert: str, image_id: str) -> tuple[tuple[Evidence, ...], str]:
@@ -711,14 +717,11 @@ class Agent:
             if mask is None:
                 return (), (
                     f"The fused verdict for {image_id} marks no region, so there is no fused mask to show. "
-                    + _verdict_line(analysis.verdict, where, image_id)
-                    + _verdict_reasons(analysis)
+                    + _verdict_with_reasons(analysis, where, image_id)
                 )
             turn.masks[FUSED_MAP + suffix] = mask
-            return (), (
-                f"Attached the fused mask of {image_id} to the answer. "
-                + _verdict_line(analysis.verdict, where, image_id)
-                + _verdict_reasons(analysis)
+            return (), f"Attached the fused mask of {image_id} to the answer. " + _verdict_with_reasons(
+                analysis, where, image_id
             )
         item = analysis.evidence_for(expert) or run_expert(image, expert)
         if item.heatmap is None and item.mask is None:
