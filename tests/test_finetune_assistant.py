@@ -25,6 +25,7 @@ from finetune.instructions import (
     choose_specs,
     reference_answer,
     reference_plan,
+    unseen_scores,
     with_instruction,
 )
 from finetune.instructions import record_conversation as record
@@ -117,6 +118,10 @@ def test_recorded_conversation_targets_are_calls_then_a_grounded_answer(tmp_path
         assert problems == []
         assert f"{analysis.verdict.probability:.0%}" in turn["reference_answer"]
     assert [c["name"] for c in summary["turns"][0]["reference_calls"]] == ["jpeg", "ela"]
+    # Every score an answer target quotes is in front of the model; a made-up one would be caught.
+    assert [unseen_scores(r) for r in records] == [[]] * len(records)
+    made_up = {**records[2], "target": records[2]["target"] + "\ncopy_move (score 0.37): cloned."}
+    assert "0.37" not in json.dumps(records[2]["messages"]) and unseen_scores(made_up) == ["0.37"]
 
 
 def test_called_experts_lead_the_reasons_when_asked_about_or_when_they_agree() -> None:
