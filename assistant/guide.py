@@ -10,17 +10,18 @@ and when the model opens a slot that only the evidence can fill, it writes the s
     "Where:"                                        -> " the lower-left quarter." (the verdict's mask)
     "The file's"                                    -> " metadata holds [no] text addressed to an AI
                                                        system..." (what the metadata expert found)
-    "Why:"                                          -> " ela (score 0.98): ..." (the expert the question
-                                                       names, or one the model called whose own
-                                                       finding points the verdict's way, else the one
-                                                       that most supports the verdict; first the note
-                                                       on text addressed to an AI, when the file has
-                                                       some)
+    "Why:"                                          -> " ela (score 0.98): ...\nnoise (score 0.71): ..."
+                                                       (the experts the question names, or those the
+                                                       model called whose own finding points the
+                                                       verdict's way, then those that most support
+                                                       the verdict: two lines, as the reference answers
+                                                       cite them; or the note on text addressed to an
+                                                       AI, when the file has some)
     a line opened with "A", "Caveat" or
     "The evidence" after the first line             -> the caveat that belongs to the verdict's label
 
-The model still decides what the answer says: which further experts it quotes and in what order,
-whether it points to a place, whether it adds a caveat, the wording around the slots. The answer
+The model still decides what the answer says: whether it quotes further experts and which, whether
+it points to a place, whether it adds a caveat, the wording around the slots. The answer
 check runs afterwards as before. A backend feeds forced text in one forward pass, so copied text is
 also faster than generated text. `Agent(guided=False)` turns the guide off (finetune.eval_assistant
 --no-guide measures the model alone).
@@ -38,6 +39,7 @@ from assistant.grounding import (
     LABEL_WORDS,
     NO_INSTRUCTION_NOTE,
     caveat_of,
+    cited_reasons,
     has_instruction,
     leading_reason,
     reason_line,
@@ -97,7 +99,7 @@ class AnswerGuide:
         if _WHERE_SLOT.search(text):
             return f" {'; '.join(self.where)}." if self.where else " no single region stands out."
         if _WHY_SLOT.search(text) and self.reasons:
-            return self._first_reason(text)
+            return self._first_reasons(text)
         if (match := _CAVEAT_SLOT.search(text)) and self.reasons:
             return _caveat(match.group("opening"), caveat_of(self._verdict_in(text)))
         if _NOTE_SLOT.search(text) and self.reasons:  # the note on instructions in the metadata: the true one
@@ -110,17 +112,17 @@ class AnswerGuide:
         named = [i for i in _IMAGE_ID.findall(text) if i in self.verdicts]
         return self.verdicts[named[-1] if named else self.subject]
 
-    def _first_reason(self, text: str) -> str | None:
-        """The note on text addressed to an AI in the metadata when there is some; else the first of
-        `focus` (asked about, or called with a finding that points the verdict's way); else the one
-        that most supports the verdict."""
+    def _first_reasons(self, text: str) -> str | None:
+        """The note on text addressed to an AI in the metadata when there is some; else `focus` (asked
+        about, or called with a finding that points the verdict's way), then the experts that most
+        support the verdict, two lines at least; None when no expert is in focus or speaks for the
+        verdict."""
         if self.instruction:
             return " " + INSTRUCTION_NOTE
-        if self.focus:
-            first = self.reasons[self.focus[0]]
-        else:
-            first = leading_reason(self._verdict_in(text), list(self.reasons.values()))
-        return None if first is None else " " + reason_line(first)
+        verdict, evidence = self._verdict_in(text), list(self.reasons.values())
+        if not self.focus and leading_reason(verdict, evidence) is None:
+            return None
+        return " " + "\n".join(reason_line(item) for item in cited_reasons(verdict, evidence, self.focus, 2))
 
     def _reason(self, name: str, typed: bool) -> str | None:
         item = self.reasons.get(name)

@@ -83,22 +83,34 @@ def test_without_evidence_only_verdicts_are_filled() -> None:
     assert comparison("image_1 is manipulated.\nCaveat") is None
 
 
-def test_the_first_reason_is_the_expert_that_most_supports_the_verdict() -> None:
-    """For an edit, the strongest prosecution; for a clean verdict, the strongest defence; none when no
-    expert spoke for the label (the model then chooses)."""
+def test_the_first_reasons_are_the_experts_that_most_support_the_verdict() -> None:
+    """For an edit, the two strongest for the prosecution; for a clean verdict, the defence; none when
+    no expert spoke for the label (the model then chooses)."""
     noise = Evidence("noise", 0.02, True, "The noise is consistent across the image.")
-    drivers = (Driver("ela", 0.51, 2.0, 1.2), Driver("noise", 0.02, 0.0, -0.8))
-    edited = AnswerGuide({"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, [noise, ELA])
-    clean = AnswerGuide({"image_1": Verdict("authentic", 0.2, drivers, None, (0.35, 0.65))}, [noise, ELA])
+    jpeg = Evidence("jpeg", 0.97, True, "The image was compressed twice. More.")
+    copy_move = Evidence("copy_move", 0.6, True, "Two regions match. More.")
+    drivers = (
+        Driver("ela", 0.51, 2.0, 1.2),
+        Driver("noise", 0.02, 0.0, -0.8),
+        Driver("jpeg", 0.97, 1.0, 1.5),
+        Driver("copy_move", 0.6, 1.0, 0.3),
+    )
+    evidence = [noise, ELA, jpeg, copy_move]
+    edited = AnswerGuide({"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, evidence)
+    clean = AnswerGuide({"image_1": Verdict("authentic", 0.2, drivers, None, (0.35, 0.65))}, evidence)
     no_defence = Verdict("authentic", 0.2, drivers[:1], None, (0.35, 0.65))
-    assert edited("Why:").startswith(" ela (score 0.51): ")
-    assert clean("Why:") == " noise (score 0.02): The noise is consistent across the image."
+    ela_line = (
+        "ela (score 0.51): The marked region re-compresses with 3.1x the error of the rest of the image."
+    )
+    noise_line = "noise (score 0.02): The noise is consistent across the image."
+    assert edited("Why:") == " jpeg (score 0.97): The image was compressed twice.\n" + ela_line
+    assert clean("Why:") == " " + noise_line  # the only expert that found nothing
     assert AnswerGuide({"image_1": no_defence}, [noise, ELA])("Why:") is None
     # A question about one expert ("what does the noise say?") is answered with that expert first.
     asked = AnswerGuide(
-        {"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, [noise, ELA], (), ["noise"]
+        {"image_1": Verdict("manipulated", 0.8, drivers, None, (0.35, 0.65))}, evidence, (), ["noise"]
     )
-    assert asked("Why:") == " noise (score 0.02): The noise is consistent across the image."
+    assert asked("Why:") == f" {noise_line}\njpeg (score 0.97): The image was compressed twice."
 
 
 def test_an_uncertain_verdict_is_too_close_to_call_and_an_unmarked_one_names_no_place() -> None:
