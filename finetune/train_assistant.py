@@ -712,9 +712,19 @@ def save_adapter(trainee: Trainee, folder: Path) -> None:
         model.peft_config["default"].base_model_name_or_path = BASE_MODEL  # not this machine's cache path
     model.save_pretrained(folder, save_embedding_layers=False)  # no hub lookup: the embeddings are frozen
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty card; the project's card is elsewhere
+    _sort_target_modules(folder / "adapter_config.json")
     if trainee.projector is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in trainee.projector.state_dict().items()}
         save_file(state, folder / PROJECTOR_FILE)
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes from run to run; sorted, the
+    same adapter gives the same file."""
+    settings = json.loads(config_file.read_text())
+    if isinstance(settings.get("target_modules"), list):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    config_file.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
 def ship(adapter_dir: Path, config: AssistantConfig) -> Path:

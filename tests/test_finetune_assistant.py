@@ -270,6 +270,7 @@ def test_the_recipe_trains_the_embedded_model_with_cached_lower_layers(
     assert (
         lora["layers_to_transform"] == [28, 29] and lora["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
     )
+    assert lora["target_modules"] == sorted(lora["target_modules"])  # the same adapter, the same file
 
 
 # --------------------------------------------------------------------------------------------------
