@@ -115,8 +115,8 @@ class AnswerGuide:
     def _first_reasons(self, text: str) -> str | None:
         """The note on text addressed to an AI in the metadata when there is some; else `focus` (asked
         about, or called with a finding that points the verdict's way), then the experts that most
-        support the verdict, two lines at least; None when no expert is in focus or speaks for the
-        verdict."""
+        support the verdict, two lines in all (every expert in focus, when more are); None when no
+        expert is in focus or speaks for the verdict."""
         if self.instruction:
             return " " + INSTRUCTION_NOTE
         verdict, evidence = self._verdict_in(text), list(self.reasons.values())
