@@ -10,13 +10,16 @@
    x - up(down(x)) inside every 2x2 block (nearest down- and upsampling), following Tan et al.,
    "Rethinking the Up-Sampling Operations in CNN-based Generative Network for Generalizable Deepfake
    Detection", CVPR 2024. It scores 64x64 patches, which gives the heatmap.
+3. Thumbnails (a short side of at most 64 px, `experts.fusion.THUMBNAIL_SIDE`): EfficientNet-Lite0 with
+   its last blocks fine-tuned end to end on CIFAKE's 32x32 images, whose only generated examples are
+   thumbnails; a frozen probe sees little in an image enlarged seven times. Photos never reach it.
 
 Both see the same "canonical view": images whose short side exceeds 512 px are first shrunk (area) to
 a 384 px short side, the size range that training used for both classes alike (the training sets
 differ by resolution, ../shared/data/README.md section 3). Images under 224 px are enlarged (cubic)
 for the backbone, as the 32x32 CIFAKE images were in training. A fixed number of crops and patches
 is sampled on an even grid, so time is bounded on any size. A logistic combination of the two
-branches' logits, fitted on the validation split, gives the score.
+branches' logits (of all three on a thumbnail), fitted on the validation split, gives the score.
 
 The frequency expert (experts/frequency.py) looks for upsampling peaks in the spectrum; its evidence
 is left to the fusion rather than folded in here, so the same trace is not counted twice.
@@ -37,7 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from experts.base import Evidence, not_applicable
+from experts.base import Evidence, ModelNotAvailableError, not_applicable
+from experts.fusion import THUMBNAIL_SIDE
 from experts.image import LoadedImage
 from experts.maps import resize_map
 
@@ -54,6 +58,8 @@ MAX_PATCHES = 48
 THRESHOLD = 0.5
 POOLED_STAGES = (1, 2, 3, 4)  # EfficientNet-Lite0 stages whose statistics join the final features
 APPEARANCE_DIM = 2 * (24 + 40 + 80 + 112) + 1280
+THUMBNAIL_INPUT = 128  # thumbnails are enlarged (cubic) to this side for the thumbnail network
+THUMBNAIL_FROZEN = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")  # keep their ImageNet weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +109,20 @@ def backbone_crops(view: np.ndarray, count: int = MAX_CROPS) -> np.ndarray:
     height, width = pixels.shape[:2]
     positions = grid_positions(height, width, BACKBONE_SIZE, count)
     return np.stack([pixels[y : y + BACKBONE_SIZE, x : x + BACKBONE_SIZE] for y, x in positions])
+
+
+def thumbnail_view(pixels: np.ndarray) -> np.ndarray:
+    """(THUMBNAIL_INPUT, THUMBNAIL_INPUT, 3) uint8: enlarged (cubic) to that short side, centre crop."""
+    height, width = pixels.shape[:2]
+    scale = THUMBNAIL_INPUT / min(height, width)
+    size = (max(THUMBNAIL_INPUT, round(width * scale)), max(THUMBNAIL_INPUT, round(height * scale)))
+    pixels = cv2.resize(np.ascontiguousarray(pixels), size, interpolation=cv2.INTER_CUBIC)
+    y, x = (size[1] - THUMBNAIL_INPUT) // 2, (size[0] - THUMBNAIL_INPUT) // 2
+    return pixels[y : y + THUMBNAIL_INPUT, x : x + THUMBNAIL_INPUT]
+
+
+def is_thumbnail(pixels: np.ndarray) -> bool:
+    return min(pixels.shape[:2]) <= THUMBNAIL_SIDE
 
 
 def npr_patches(view: np.ndarray, count: int = MAX_PATCHES) -> tuple[np.ndarray, list[tuple[int, int]], int]:
@@ -165,42 +185,78 @@ def appearance_head(hidden: int = 256) -> nn.Sequential:
     )
 
 
+def thumbnail_network(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (ImageNet) with one logit; its layers after THUMBNAIL_FROZEN are trained."""
+    from experts.backbone import lite0
+
+    model = lite0(pretrained=pretrained)
+    model.reset_classifier(1)
+    return model
+
+
 @dataclass
 class Models:
     backbone: nn.Module
     head: nn.Sequential  # appearance_head()
     npr: NPRNet
     combine: nn.Linear  # (appearance logit, NPR logit) -> logit
+    thumbnail: nn.Module  # thumbnail_network()
+    thumbnail_combine: nn.Linear  # (appearance, NPR, thumbnail logits) -> logit, for thumbnails
+
+
+TRAINED = ("head", "npr", "combine", "thumbnail", "thumbnail_combine")  # what the weights file holds
 
 
 def build_models(backbone: nn.Module | None = None) -> Models:
-    """Untrained heads (and the pretrained backbone unless one is given), in eval mode."""
+    """Untrained heads (and the pretrained backbones unless one is given), in eval mode."""
     from experts.backbone import lite0
 
-    models = Models(backbone or lite0(pretrained=True), appearance_head(), NPRNet(), nn.Linear(2, 1))
-    for module in (models.backbone, models.head, models.npr, models.combine):
+    models = Models(
+        backbone or lite0(pretrained=True),
+        appearance_head(),
+        NPRNet(),
+        nn.Linear(2, 1),
+        thumbnail_network(pretrained=backbone is None),
+        nn.Linear(3, 1),
+    )
+    for module in (models.backbone, *(getattr(models, prefix) for prefix in TRAINED)):
         module.eval()
     return models
 
 
 def trained_state(models: Models) -> dict[str, torch.Tensor]:
-    """What the recipe ships: everything but the backbone, which loads from its package."""
+    """What the recipe ships: everything trained, without the ImageNet layers, which load from their
+    package (the backbone and the thumbnail network's THUMBNAIL_FROZEN layers); the thumbnail network
+    in float16, which halves the file (it runs in float32)."""
     state = {}
-    for prefix in ("head", "npr", "combine"):
-        state.update({f"{prefix}.{k}": v for k, v in getattr(models, prefix).state_dict().items()})
+    for prefix in TRAINED:
+        for key, value in getattr(models, prefix).state_dict().items():
+            if prefix != "thumbnail":
+                state[f"{prefix}.{key}"] = value
+            elif not key.startswith(THUMBNAIL_FROZEN):
+                state[f"{prefix}.{key}"] = value.half() if value.is_floating_point() else value
     return state
 
 
 @functools.cache
 def shipped_models() -> Models:
-    """The shipped heads (hash-checked) on the pretrained backbone; loaded once per process."""
+    """The shipped heads (hash-checked) on the pretrained backbones; loaded once per process."""
     from experts.learned import load_weights
 
     state = load_weights(WEIGHTS_NAME)
     models = build_models()
-    for prefix in ("head", "npr", "combine"):
-        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        getattr(models, prefix).load_state_dict(part, strict=True)
+    for prefix in TRAINED:
+        part = {k[len(prefix) + 1 :]: v.float() for k, v in state.items() if k.startswith(prefix + ".")}
+        module = getattr(models, prefix)
+        if prefix != "thumbnail":
+            module.load_state_dict(part, strict=True)
+            continue
+        missing = {k for k in module.state_dict() if not k.startswith(THUMBNAIL_FROZEN)} - set(part)
+        if missing:
+            raise ModelNotAvailableError(
+                f"the {WEIGHTS_NAME} weights lack thumbnail tensors ({sorted(missing)[:3]}); reinstall"
+            )
+        module.load_state_dict(part, strict=False)
     log.info("loaded %s weights", WEIGHTS_NAME)
     return models
 
@@ -226,11 +282,19 @@ def patch_tensor(patches: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(patches).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def thumbnail_logits(network: nn.Module, views: np.ndarray) -> torch.Tensor:
+    """(n,) logits of the thumbnail network for uint8 thumbnail views (n, 128, 128, 3)."""
+    from experts.backbone import normalise
+
+    return network(normalise(views).to(next(network.parameters()).device)).squeeze(1)
+
+
 @dataclass(frozen=True)
 class Prediction:
     probability: float
     appearance_logit: float
     npr_logit: float
+    thumbnail_logit: float | None  # None on a photo
     patch_logits: np.ndarray
     positions: list[tuple[int, int]]
     patch_size: int
@@ -247,11 +311,17 @@ def predict(models: Models, pixels: np.ndarray) -> Prediction:
     patches, positions, size = npr_patches(view)
     patch_logits = models.npr(patch_tensor(patches)).numpy()
     npr = float(patch_logits.mean())
-    combined = float(models.combine(torch.tensor([[appearance, npr]], dtype=torch.float32)))
+    thumbnail = None
+    if is_thumbnail(view):
+        thumbnail = float(thumbnail_logits(models.thumbnail, thumbnail_view(view)[None])[0])
+        combined = float(models.thumbnail_combine(torch.tensor([[appearance, npr, thumbnail]])))
+    else:
+        combined = float(models.combine(torch.tensor([[appearance, npr]], dtype=torch.float32)))
     return Prediction(
         probability=float(torch.sigmoid(torch.tensor(combined))),
         appearance_logit=appearance,
         npr_logit=npr,
+        thumbnail_logit=thumbnail,
         patch_logits=patch_logits,
         positions=positions,
         patch_size=size,
@@ -280,10 +350,11 @@ def patch_heatmap(prediction: Prediction, shape: tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class AIGeneratedImage:
     name = "ai_generated"
-    version = "1"
+    version = "2"
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
-        "upsampling traces between neighbouring pixels; the probability that a generator made the image."
+        "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "
+        "probability that a generator made the image."
     )
 
     def analyze(self, image: LoadedImage) -> Evidence:
@@ -299,18 +370,20 @@ class AIGeneratedImage:
         prediction = predict(models, image.pixels)
         heatmap = patch_heatmap(prediction, (height, width))
         appearance, npr = sigmoid(prediction.appearance_logit), sigmoid(prediction.npr_logit)
+        thumbnail = None if prediction.thumbnail_logit is None else sigmoid(prediction.thumbnail_logit)
         probability = min(max(prediction.probability, 0.0), 1.0)
         return Evidence(
             expert=self.name,
             score=round(probability, 4),
             applicable=True,
-            summary=self._summary(probability, appearance, npr, min(height, width)),
+            summary=self._summary(probability, appearance, npr, thumbnail, min(height, width)),
             heatmap=heatmap,
             details={
                 "indicates": "ai_generated",
                 "probability": round(probability, 4),
                 "appearance_probability": round(appearance, 4),
                 "upsampling_trace_probability": round(npr, 4),
+                **({"thumbnail_probability": round(thumbnail, 4)} if thumbnail is not None else {}),
                 "threshold": THRESHOLD,
                 "crops": prediction.crops,
                 "patches": len(prediction.positions),
@@ -321,15 +394,18 @@ class AIGeneratedImage:
         )
 
     @staticmethod
-    def _summary(probability: float, appearance: float, npr: float, short_side: int) -> str:
+    def _summary(
+        probability: float, appearance: float, npr: float, thumbnail: float | None, short_side: int
+    ) -> str:
         verdict = "looks AI-generated" if probability >= THRESHOLD else "does not look AI-generated"
         small = (
             " The image is small, which makes any judgement less reliable."
             if short_side < BACKBONE_SIZE
             else ""
         )
+        network = "" if thumbnail is None else f", thumbnail network {thumbnail:.2f}"
         return (
             f"The AI-image detector says the image {verdict} (probability {probability:.2f}; appearance "
-            f"{appearance:.2f}, upsampling traces {npr:.2f}). It was trained on small, low-resolution sets, "
-            f"so this is a weak hint, not proof.{small}"
+            f"{appearance:.2f}, upsampling traces {npr:.2f}{network}). It was trained on small, "
+            f"low-resolution sets, so this is a weak hint, not proof.{small}"
         )

@@ -83,11 +83,11 @@ def start(config: RecipeConfig):
 
 
 class Checkpoints:
-    """`out/checkpoint.pt`, written atomically: model, optimiser, step and anything else the recipe
-    needs to resume exactly where it stopped."""
+    """`out/checkpoint.pt` (or another name, for a recipe's second stage), written atomically: model,
+    optimiser, step and anything else the recipe needs to resume exactly where it stopped."""
 
-    def __init__(self, out: str | Path) -> None:
-        self.path = Path(out) / "checkpoint.pt"
+    def __init__(self, out: str | Path, name: str = "checkpoint.pt") -> None:
+        self.path = Path(out) / name
 
     def save(self, **state: Any) -> None:
         partial = self.path.with_suffix(".partial")

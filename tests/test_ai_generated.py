@@ -73,3 +73,24 @@ def test_patches_cover_the_image_on_an_even_grid():
     assert len(positions) == 48 and positions[0] == (0, 0) and positions[-1] == (320, 448)
     patches, _, size = npr_patches(np.zeros((33, 47, 3), np.uint8))
     assert size == 32 and patches.shape == (1, 32, 32, 3)
+
+
+def test_only_thumbnails_reach_the_thumbnail_network(expert, shared_data):
+    cifake = cifake_test(shared_data, "ai_generated")[0]
+    thumbnail = expert.analyze(load_image(cifake.file))
+    photo = expert.analyze(load_image(shared_data / "clean_photos" / "kodak" / "kodim05.png"))
+    assert 0.0 <= thumbnail.details["thumbnail_probability"] <= 1.0
+    assert "thumbnail network" in thumbnail.summary
+    assert "thumbnail_probability" not in photo.details and "thumbnail network" not in photo.summary
+
+
+def test_the_weights_file_leaves_out_what_loads_from_the_package():
+    from experts.ai_generated import THUMBNAIL_FROZEN, build_models, trained_state
+
+    models = build_models()
+    state = trained_state(models)
+    thumbnail = {k[len("thumbnail.") :] for k in state if k.startswith("thumbnail.")}
+    assert not any(k.startswith(THUMBNAIL_FROZEN) for k in thumbnail)
+    assert {"blocks.2.0.conv_pw.weight", "conv_head.weight", "classifier.weight"} <= thumbnail
+    assert {"combine.weight", "thumbnail_combine.weight", "head.1.weight", "npr.fc.weight"} <= set(state)
+    assert not any(k.startswith(("conv_stem", "blocks.")) for k in state)  # the frozen backbone
