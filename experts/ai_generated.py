@@ -58,6 +58,7 @@ MAX_PATCHES = 48
 THRESHOLD = 0.5
 POOLED_STAGES = (1, 2, 3, 4)  # EfficientNet-Lite0 stages whose statistics join the final features
 APPEARANCE_DIM = 2 * (24 + 40 + 80 + 112) + 1280
+MAX_ASPECT = 8  # before enlarging, a longer strip is cut to its middle part of this aspect ratio
 THUMBNAIL_INPUT = 128  # thumbnails are enlarged (cubic) to this side for the thumbnail network
 THUMBNAIL_FROZEN = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")  # keep their ImageNet weights
 
@@ -78,12 +79,28 @@ def canonical_view(pixels: np.ndarray) -> np.ndarray:
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
+def middle_part(pixels: np.ndarray, aspect: float = MAX_ASPECT) -> np.ndarray:
+    """The image, or the middle of its long side when that exceeds `aspect` times the short side, so
+    that enlarging a long thin strip (64 x 400,000 px is within the pixel limit) costs no more than
+    enlarging a photo."""
+    height, width = pixels.shape[:2]
+    keep = int(aspect * min(height, width))
+    if height > keep:
+        return pixels[(height - keep) // 2 : (height - keep) // 2 + keep]
+    if width > keep:
+        return pixels[:, (width - keep) // 2 : (width - keep) // 2 + keep]
+    return pixels
+
+
 def enlarge_for_backbone(pixels: np.ndarray) -> np.ndarray:
-    """Images with a side under 224 px enlarged (cubic) so the short side is 224."""
+    """Images with a side under 224 px enlarged (cubic) so the short side is 224 (of a long strip, its
+    middle part)."""
     height, width = pixels.shape[:2]
     short = min(height, width)
     if short >= BACKBONE_SIZE:
         return pixels
+    pixels = middle_part(pixels)
+    height, width = pixels.shape[:2]
     scale = BACKBONE_SIZE / short
     size = (max(BACKBONE_SIZE, round(width * scale)), max(BACKBONE_SIZE, round(height * scale)))
     return cv2.resize(pixels, size, interpolation=cv2.INTER_CUBIC)
@@ -113,6 +130,7 @@ def backbone_crops(view: np.ndarray, count: int = MAX_CROPS) -> np.ndarray:
 
 def thumbnail_view(pixels: np.ndarray) -> np.ndarray:
     """(THUMBNAIL_INPUT, THUMBNAIL_INPUT, 3) uint8: enlarged (cubic) to that short side, centre crop."""
+    pixels = middle_part(pixels)
     height, width = pixels.shape[:2]
     scale = THUMBNAIL_INPUT / min(height, width)
     size = (max(THUMBNAIL_INPUT, round(width * scale)), max(THUMBNAIL_INPUT, round(height * scale)))

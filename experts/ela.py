@@ -38,6 +38,7 @@ from experts.maps import mask_from_heatmap, ratio_phrase, regions_from_mask, res
 
 GRID_SHIFT = 4  # half a JPEG block: a re-save shifted by this much shares no grid with the original
 FULL_EVIDENCE_FRACTION = 0.05  # regions smaller than this share of the image count for less
+JPEG_MAX_SIDE = 65_535  # the format's limit: a longer image cannot be re-saved
 ERROR_FLOOR = 0.25  # grey levels; keeps log ratios finite in flat areas that re-compress exactly
 
 
@@ -99,6 +100,13 @@ class ErrorLevelAnalysis:
                 self.name,
                 f"The image is too small for error level analysis ({width}x{height} pixels; it needs at "
                 f"least {self.min_side} on each side).",
+                self.version,
+            )
+        if max(height, width) > JPEG_MAX_SIDE:
+            return not_applicable(
+                self.name,
+                f"The image ({width}x{height}) is too long for error level analysis: it re-saves the "
+                f"image as a JPEG, which holds at most {JPEG_MAX_SIDE:,} pixels a side.",
                 self.version,
             )
         pixels = np.ascontiguousarray(image.pixels)

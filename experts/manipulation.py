@@ -291,6 +291,17 @@ class ManipulationLocaliser:
                 f"{image.height} pixels; it needs at least {self.min_side} on each side).",
                 self.version,
             )
+        working_short = min(image.height, image.width) * min(
+            1.0, self.working_side / max(image.height, image.width)
+        )
+        if working_short < self.min_side:
+            return not_applicable(
+                self.name,
+                f"The image ({image.width}x{image.height}) is too long and thin for the learned manipulation "
+                f"localiser: shrunk to its {self.working_side} px working size, the short side would be "
+                f"{working_short:.0f} px (it needs at least {self.min_side}).",
+                self.version,
+            )
         try:
             model = load_localiser()
         except ModelNotAvailableError as exc:

@@ -94,3 +94,14 @@ def test_the_weights_file_leaves_out_what_loads_from_the_package():
     assert {"blocks.2.0.conv_pw.weight", "conv_head.weight", "classifier.weight"} <= thumbnail
     assert {"combine.weight", "thumbnail_combine.weight", "head.1.weight", "npr.fc.weight"} <= set(state)
     assert not any(k.startswith(("conv_stem", "blocks.")) for k in state)  # the frozen backbone
+
+
+def test_a_long_thin_strip_is_cut_to_its_middle_before_it_is_enlarged():
+    from experts.ai_generated import BACKBONE_SIZE, MAX_ASPECT, enlarge_for_backbone, thumbnail_view
+
+    strip = np.zeros((16, 400_000, 3), np.uint8)
+    enlarged = enlarge_for_backbone(strip)
+    assert enlarged.shape[0] == BACKBONE_SIZE and enlarged.shape[1] <= MAX_ASPECT * BACKBONE_SIZE
+    assert thumbnail_view(strip).shape == (128, 128, 3)
+    photo = np.zeros((100, 700, 3), np.uint8)  # within MAX_ASPECT: enlarged whole, as in training
+    assert enlarge_for_backbone(photo).shape == (BACKBONE_SIZE, 1568, 3)

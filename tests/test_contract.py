@@ -29,6 +29,12 @@ def huge():
     return load_image(jpeg_bytes(pixels, 90), name="huge.jpg")
 
 
+@pytest.fixture(scope="module")
+def strip():
+    rng = np.random.default_rng(0)
+    return load_image(rng.integers(0, 256, (64, 400_000, 3), dtype=np.uint8), name="strip.png")
+
+
 def check_evidence(evidence: Evidence, name: str, shape: tuple[int, int]) -> None:
     assert evidence.expert == name
     assert evidence.summary.strip()
@@ -91,3 +97,11 @@ def test_6000x4000_image(name, huge):
         assert "too large" in str(exc) or "pixels" in str(exc)
         return
     check_evidence(evidence, name, (4000, 6000))
+
+
+@pytest.mark.parametrize("name", EXPERTS)
+def test_a_long_thin_strip_is_handled_or_refused_clearly(name, strip):
+    # 64 x 400,000 px is within the pixel limit; it used to crash two experts (a JPEG holds at most
+    # 65,535 px a side; the localiser's working size left a 0 px short side) and cost the AI-image
+    # detector gigabytes.
+    check_evidence(get_expert(name).analyze(strip), name, (strip.height, strip.width))
