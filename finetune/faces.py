@@ -253,6 +253,16 @@ class EncodeAlike:
     blur_sigma: tuple[float, float] = (0.5, 2.0)
 
     def __call__(self, rng: np.random.Generator, crop: np.ndarray) -> bytes:
+        image = self.degrade(rng, crop)
+        if rng.random() < self.p_flip:
+            image = np.ascontiguousarray(image[:, ::-1])
+        if rng.random() < self.p_lossless:
+            return png_bytes(image)
+        quality = int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
+        return jpeg_bytes(image, quality, int(rng.choice([0, 2])))
+
+    def degrade(self, rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
+        """The quality loss alone (blur, resolution loss), without the flip and the encoding."""
         image = crop
         if self.p_blur and rng.random() < self.p_blur:
             image = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(*self.blur_sigma)))
@@ -263,12 +273,7 @@ class EncodeAlike:
                 image, (round(size[0] * scale), round(size[1] * scale)), interpolation=cv2.INTER_AREA
             )
             image = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
-        if rng.random() < self.p_flip:
-            image = np.ascontiguousarray(image[:, ::-1])
-        if rng.random() < self.p_lossless:
-            return png_bytes(image)
-        quality = int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
-        return jpeg_bytes(image, quality, int(rng.choice([0, 2])))
+        return image
 
 
 def normalised_set(
@@ -278,16 +283,20 @@ def normalised_set(
     encode: EncodeAlike,
     blended_per_real: int = 1,
     draw: str = "{path}|{variant}|{index}",
+    source: EncodeAlike | None = None,
 ) -> tuple[list[bytes], np.ndarray]:
     """Encoded files and labels: `variants` normalised copies of every crop, plus, for every real crop,
     `blended_per_real` self-blended fakes per variant, all through the same `encode`. Each copy's
-    randomness is fixed by (seed, `draw` filled in with the crop's path, variant and index)."""
+    randomness is fixed by (seed, `draw` filled in with the crop's path, variant and index). With a
+    `source`, its quality loss is applied to the crop first, before any fake is made of it: a soft
+    photo, not a softened forgery."""
     files, labels = [], []
-    for index, (crop, points, label, path) in enumerate(
+    for index, (original, points, label, path) in enumerate(
         zip(crops.crops, crops.keypoints, crops.labels, crops.paths, strict=True)
     ):
         for variant in range(variants):
             rng = item_rng(seed, draw.format(path=path, variant=variant, index=index))
+            crop = source.degrade(rng, original) if source else original
             files.append(encode(rng, crop))
             labels.append(int(label))
             if label == REAL:

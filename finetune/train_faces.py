@@ -76,16 +76,24 @@ class FacesConfig(RecipeConfig):
     p_blur: float = 0.2
     p_resolution: float = 0.5
     resolution_low: float = 0.25
+    # Apply that quality loss to the face before a fake is made of it (a soft photo, not a softened
+    # forgery); the file is then encoded as the benchmark does (EncodeAlike's defaults), every class
+    # alike. Off: the loss comes after the blend, over the finished fake.
+    source_loss: bool = False
 
 
-def _encoder(config: FacesConfig) -> EncodeAlike:
-    return EncodeAlike(
+def _encoder(config: FacesConfig) -> tuple[EncodeAlike, EncodeAlike | None]:
+    """(the encoding of every file, the quality loss of the source face or None)."""
+    loss = EncodeAlike(
         jpeg_quality=(config.jpeg_low, config.jpeg_high),
         p_lossless=config.p_lossless,
         p_blur=config.p_blur,
         p_resolution=config.p_resolution,
         resolution=(config.resolution_low, 0.9),
     )
+    if not config.source_loss:
+        return loss, None
+    return EncodeAlike(jpeg_quality=(config.jpeg_low, config.jpeg_high), p_lossless=config.p_lossless), loss
 
 
 # Real faces beyond `faces_real` (mostly CelebA-HQ portraits): the faces in ordinary photos, so that the
@@ -103,13 +111,13 @@ def face_crops(split: str, out: Path) -> FaceCrops:
 
 
 def epoch_files(
-    crops: FaceCrops, config: FacesConfig, epoch: int, encode: EncodeAlike
+    crops: FaceCrops, config: FacesConfig, epoch: int, encode: tuple[EncodeAlike, EncodeAlike | None]
 ) -> tuple[list[bytes], torch.Tensor]:
     """One epoch's training files, drawn fresh (Shiohara & Yamasaki draw a new self-blend every time a
     face is seen): every face once, normalised, and beside every real face a self-blended fake of it,
     all through the same `encode`. Fixed by (seed, epoch), so a resumed run sees the same data."""
     draw = "{path}|{index}|epoch " + str(epoch)
-    files, labels = normalised_set(crops, config.seed, 1, encode, draw=draw)
+    files, labels = normalised_set(crops, config.seed, 1, encode[0], draw=draw, source=encode[1])
     return files, torch.as_tensor(labels)
 
 
@@ -180,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "aligned faces: train %s, val %s", np.bincount(train_crops.labels), np.bincount(val_crops.labels)
     )
     encode = _encoder(config)
-    val_files, val_labels = normalised_set(val_crops, config.seed + 1000, config.val_variants, encode)
+    val_files, val_labels = normalised_set(
+        val_crops, config.seed + 1000, config.val_variants, encode[0], source=encode[1]
+    )
     log.info("val: %s normalised copies", np.bincount(val_labels))
 
     counts = torch.bincount(torch.as_tensor(train_crops.labels), minlength=len(CLASSES)).float()
@@ -268,6 +278,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("shipped %s", path)
 
 
+def _loss_order(config: FacesConfig) -> str:
+    if config.source_loss:
+        return (
+            "applied to the aligned face before any fake is made of it (a soft photo, not a softened "
+            "forgery; `--source-loss`); then, over the finished file, p=0.3 resolution loss (x0.5-0.9),"
+        )
+    return "over the finished file (after the self-blend for a blended fake);"
+
+
 def _card(config: FacesConfig, labels: torch.Tensor, best_epoch: int) -> str:
     counts = np.bincount(labels.numpy(), minlength=len(CLASSES))
     return f"""# faces: deepfake-face classifier (experts/faces.py)
@@ -302,8 +321,9 @@ blocks 0-{FIRST_TRAINED_BLOCK - 1} come from the package at load time.
 BlazeFace detection, FFHQ-style alignment from the eye and mouth keypoints (`experts.faces.align_face`:
 area shrink then bicubic warp to {256}x{256}), then `finetune.faces.EncodeAlike`: p={config.p_blur}
 Gaussian blur (sigma 0.5-2), p={config.p_resolution} resolution loss (x{config.resolution_low}-0.9 and
-back), p=0.5 mirror, and JPEG at quality {config.jpeg_low}-{config.jpeg_high} with random 4:4:4/4:2:0
-subsampling, or lossless PNG with p={config.p_lossless}. A logistic regression on format features alone
+back), {_loss_order(config)} p=0.5 mirror, and JPEG at quality {config.jpeg_low}-{config.jpeg_high} with
+random 4:4:4/4:2:0 subsampling, or lossless PNG with p={config.p_lossless}. A logistic regression on
+format features alone
 (file type, size, image size, quantisation tables, subsampling) is checked on the
 normalised files below; it should be near 0.5.
 
