@@ -225,16 +225,16 @@ class Models:
 TRAINED = ("head", "npr", "combine", "thumbnail", "thumbnail_combine")  # what the weights file holds
 
 
-def build_models(backbone: nn.Module | None = None) -> Models:
-    """Untrained heads (and the pretrained backbones unless one is given), in eval mode."""
+def build_models() -> Models:
+    """The pretrained backbones with untrained heads, in eval mode."""
     from experts.backbone import lite0
 
     models = Models(
-        backbone or lite0(pretrained=True),
+        lite0(pretrained=True),
         appearance_head(),
         NPRNet(),
         nn.Linear(2, 1),
-        thumbnail_network(pretrained=backbone is None),
+        thumbnail_network(),
         nn.Linear(3, 1),
     )
     for module in (models.backbone, *(getattr(models, prefix) for prefix in TRAINED)):
@@ -264,7 +264,8 @@ def shipped_models() -> Models:
     state = load_weights(WEIGHTS_NAME)
     models = build_models()
     for prefix in TRAINED:
-        part = {k[len(prefix) + 1 :]: v.float() for k, v in state.items() if k.startswith(prefix + ".")}
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        part = {k: v.float() if v.is_floating_point() else v for k, v in part.items()}  # float16 stored
         module = getattr(models, prefix)
         if prefix != "thumbnail":
             module.load_state_dict(part, strict=True)
