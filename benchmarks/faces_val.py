@@ -4,8 +4,8 @@ benchmarks.faces_val [--checkpoint runs/faces5/checkpoint.pt ...]`.
 Each recipe selects and calibrates on its own `val` files, normalised its own way (`--source-loss`
 changes how), so their own val figures do not compare. This scores the shipped classifier and the best
 state of each given checkpoint (calibrated as the recipe calibrates it) on one set of `val` files, made
-with the benchmark's normalisation (finetune.faces.EncodeAlike defaults; 8 copies per face, as val is small): a choice
-between recipes made here is made on `val`, never on `test`.
+with the benchmark's normalisation (finetune.faces.EncodeAlike defaults; 8 copies per face, as val is
+small): a choice between recipes made here is made on `val`, never on `test`.
 """
 
 from __future__ import annotations
