@@ -142,7 +142,8 @@ def test_calibration_raises_the_bar_for_calling_a_real_face_fake(astronaut):
     from finetune.train_faces import FacesConfig, _encoder, calibrate, predict
 
     crop, _ = crop_largest_face(astronaut)
-    files = [_encoder(FacesConfig())(item_rng(0, str(i)), crop) for i in range(8)]
+    encode, _ = _encoder(FacesConfig())
+    files = [encode(item_rng(0, str(i)), crop) for i in range(8)]
     labels = np.full(8, REAL)
     model = build_classifier(pretrained=False)
     before = 1 - predict(model, files)[:, REAL]
