@@ -301,6 +301,25 @@ def val_report(logits: torch.Tensor, views: dict, prefix: str) -> dict[str, floa
     return {key: (round(value, 4) if value is not None else None) for key, value in report.items()}
 
 
+def training_state(name: str, module, optimiser, schedule, rng: np.random.Generator) -> dict:
+    """What a stage's checkpoint holds to resume exactly: its module (under `name`), the optimiser, the
+    schedule and the data generator."""
+    return {
+        name: module.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": rng.bit_generator.state,
+    }
+
+
+def restore_training(state: dict, name: str, module, optimiser, schedule, rng: np.random.Generator) -> None:
+    """The inverse of training_state."""
+    module.load_state_dict(state[name])
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = state["rng"]
+
+
 def train_npr(config: AIConfig, accelerator, views: dict, models) -> dict:
     """Stage 2: the NPR CNN on balanced batches from both domains; keeps the state with the best val
     AUC (all val images)."""
@@ -313,10 +332,7 @@ def train_npr(config: AIConfig, accelerator, views: dict, models) -> dict:
     step, best, history = 0, {"auc": -1.0, "state": None, "step": 0}, []
     state = checkpoints.load(config.resume)
     if state is not None:
-        npr.load_state_dict(state["npr"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["rng"]
+        restore_training(state, "npr", npr, optimiser, schedule, rng)
         step, best, history = state["step"], state["best"], state["history"]
         log.info("resumed NPR training at step %d", step)
     bar = tqdm(total=config.steps, initial=step, desc="NPR", unit="step")
@@ -350,13 +366,7 @@ def train_npr(config: AIConfig, accelerator, views: dict, models) -> dict:
                     "step": step,
                 }
             checkpoints.save(
-                npr=npr.state_dict(),
-                optimiser=optimiser.state_dict(),
-                schedule=schedule.state_dict(),
-                rng=rng.bit_generator.state,
-                step=step,
-                best=best,
-                history=history,
+                **training_state("npr", npr, optimiser, schedule, rng), step=step, best=best, history=history
             )
     bar.close()
     npr.load_state_dict(best["state"])
@@ -385,8 +395,10 @@ def thumbnail_val_logits(network, val_views: list[np.ndarray | None]) -> torch.T
 def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list, models) -> dict:
     """Stage 3: the thumbnail network (blocks 2-6 and head of EfficientNet-Lite0) fine-tuned on the
     training thumbnails (CIFAKE), a fixed number of epochs; val AUC is logged, not used to choose."""
-    thumbnails = [(read_rgb(file), label) for file, label, _, _ in training_sources(config)]
-    thumbnails = [(pixels, label) for pixels, label in thumbnails if is_thumbnail(pixels)]
+    small = [
+        (read_rgb(file), label) for file, label, domain, _ in training_sources(config) if domain == SMALL
+    ]
+    thumbnails = [(pixels, label) for pixels, label in small if is_thumbnail(pixels)]
     network = models.thumbnail
     for name, parameter in network.named_parameters():
         parameter.requires_grad = not name.startswith(THUMBNAIL_FROZEN)
@@ -402,10 +414,7 @@ def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list,
     first, history = 0, []
     state = checkpoints.load(config.resume)
     if state is not None:
-        network.load_state_dict(state["network"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["rng"]
+        restore_training(state, "network", network, optimiser, schedule, rng)
         first, history = state["epoch"], state["history"]
         log.info("resumed the thumbnail network at epoch %d", first)
     labels = views["val_labels"].numpy()
@@ -431,12 +440,7 @@ def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list,
         history.append(report)
         tqdm.write(json.dumps(report))
         checkpoints.save(
-            network=network.state_dict(),
-            optimiser=optimiser.state_dict(),
-            schedule=schedule.state_dict(),
-            rng=rng.bit_generator.state,
-            epoch=epoch + 1,
-            history=history,
+            **training_state("network", network, optimiser, schedule, rng), epoch=epoch + 1, history=history
         )
     network.eval()
     return {"thumbnail_history": history}
@@ -579,14 +583,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels, sets = views["val_labels"], views["val_sets"]
     # Photos are combined as before the thumbnail network existed (fitted on every val image), so
     # they are judged as they were; thumbnails by a combination fitted on the val thumbnails alone.
-    models.combine = fit_combination(torch.stack([appearance, npr], dim=1), labels, sets)
+    two, three = torch.stack([appearance, npr], dim=1), torch.stack([appearance, npr, thumbnail], dim=1)
+    models.combine = fit_combination(two, labels, sets)
     small = ~torch.isnan(thumbnail)
-    three = torch.stack([appearance, npr, thumbnail], dim=1)
     models.thumbnail_combine = fit_combination(
         three[small], labels[small], [s for s, keep in zip(sets, small.tolist(), strict=True) if keep]
     )
     with torch.no_grad():
-        combined = models.combine(torch.stack([appearance, npr], dim=1)).squeeze(1)
+        combined = models.combine(two).squeeze(1)
         expert = torch.where(small, models.thumbnail_combine(three.nan_to_num()).squeeze(1), combined)
     scores = {
         **val_report(appearance, views, "appearance"),
