@@ -111,13 +111,13 @@ def face_crops(split: str, out: Path) -> FaceCrops:
 
 
 def epoch_files(
-    crops: FaceCrops, config: FacesConfig, epoch: int, encode: tuple[EncodeAlike, EncodeAlike | None]
+    crops: FaceCrops, config: FacesConfig, epoch: int, encode: EncodeAlike, source: EncodeAlike | None = None
 ) -> tuple[list[bytes], torch.Tensor]:
     """One epoch's training files, drawn fresh (Shiohara & Yamasaki draw a new self-blend every time a
     face is seen): every face once, normalised, and beside every real face a self-blended fake of it,
     all through the same `encode`. Fixed by (seed, epoch), so a resumed run sees the same data."""
     draw = "{path}|{index}|epoch " + str(epoch)
-    files, labels = normalised_set(crops, config.seed, 1, encode[0], draw=draw, source=encode[1])
+    files, labels = normalised_set(crops, config.seed, 1, encode, draw=draw, source=source)
     return files, torch.as_tensor(labels)
 
 
@@ -187,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info(
         "aligned faces: train %s, val %s", np.bincount(train_crops.labels), np.bincount(val_crops.labels)
     )
-    encode = _encoder(config)
+    encode, source = _encoder(config)
     val_files, val_labels = normalised_set(
-        val_crops, config.seed + 1000, config.val_variants, encode[0], source=encode[1]
+        val_crops, config.seed + 1000, config.val_variants, encode, source=source
     )
     log.info("val: %s normalised copies", np.bincount(val_labels))
 
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("resumed after epoch %d", epoch)
 
     while epoch < config.epochs:
-        files, labels = epoch_files(train_crops, config, epoch, encode)
+        files, labels = epoch_files(train_crops, config, epoch, encode, source)
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(labels), generator=generator)
         train_mode(model)
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.load_state_dict(best["state"], strict=False)
     offset = calibrate(model, val_files, val_labels, config.max_real_called_fake)
     calibrated = scores_by_kind(predict(model, val_files), val_labels)
-    train_files, train_labels = epoch_files(train_crops, config, 0, encode)
+    train_files, train_labels = epoch_files(train_crops, config, 0, encode, source)
     baseline = format_baseline(train_files, train_labels.numpy(), val_files, val_labels)
     summary = {"calibration_offset": offset, "calibrated": calibrated, "format_baseline_val": baseline}
     (out / "history.json").write_text(json.dumps({"history": history, **summary}, indent=2))

@@ -118,10 +118,10 @@ def test_training_draws_fresh_self_blends_each_epoch(astronaut):
         np.stack([crop, crop]), np.stack([keypoints, keypoints]), np.array([0, 1]), ("real.png", "gan.png")
     )
     config = FacesConfig()
-    files, labels = epoch_files(crops, config, 0, _encoder(config))
+    files, labels = epoch_files(crops, config, 0, *_encoder(config))
     assert labels.tolist() == [0, 2, 1]  # real, its self-blend, GAN
-    assert epoch_files(crops, config, 0, _encoder(config))[0] == files
-    assert epoch_files(crops, config, 1, _encoder(config))[0] != files
+    assert epoch_files(crops, config, 0, *_encoder(config))[0] == files
+    assert epoch_files(crops, config, 1, *_encoder(config))[0] != files
 
 
 def test_training_keeps_the_frozen_stem_in_eval_mode():
