@@ -242,18 +242,44 @@ def build_models() -> Models:
     return models
 
 
+def frozen_parameters(network: nn.Module) -> set[str]:
+    """The thumbnail network's parameters that keep their ImageNet values (they load from the package).
+    Their batch-norm statistics are not among them: training adapts those to enlarged thumbnails."""
+    return {name for name, _ in network.named_parameters() if name.startswith(THUMBNAIL_FROZEN)}
+
+
 def trained_state(models: Models) -> dict[str, torch.Tensor]:
-    """What the recipe ships: everything trained, without the ImageNet layers, which load from their
+    """What the recipe ships: everything trained, without the ImageNet parameters, which load from their
     package (the backbone and the thumbnail network's THUMBNAIL_FROZEN layers); the thumbnail network
     in float16, which halves the file (it runs in float32)."""
     state = {}
     for prefix in TRAINED:
-        for key, value in getattr(models, prefix).state_dict().items():
+        module = getattr(models, prefix)
+        frozen = frozen_parameters(module) if prefix == "thumbnail" else set()
+        for key, value in module.state_dict().items():
             if prefix != "thumbnail":
                 state[f"{prefix}.{key}"] = value
-            elif not key.startswith(THUMBNAIL_FROZEN):
+            elif key not in frozen:
                 state[f"{prefix}.{key}"] = value.half() if value.is_floating_point() else value
     return state
+
+
+def load_trained(models: Models, state: dict[str, torch.Tensor]) -> Models:
+    """models with trained_state's tensors loaded into them (float16 ones back to float32)."""
+    for prefix in TRAINED:
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        part = {k: v.float() if v.is_floating_point() else v for k, v in part.items()}
+        module = getattr(models, prefix)
+        if prefix != "thumbnail":
+            module.load_state_dict(part, strict=True)
+            continue
+        missing = set(module.state_dict()) - frozen_parameters(module) - set(part)
+        if missing:
+            raise ModelNotAvailableError(
+                f"the {WEIGHTS_NAME} weights lack thumbnail tensors ({sorted(missing)[:3]}); reinstall"
+            )
+        module.load_state_dict(part, strict=False)
+    return models
 
 
 @functools.cache
@@ -261,21 +287,7 @@ def shipped_models() -> Models:
     """The shipped heads (hash-checked) on the pretrained backbones; loaded once per process."""
     from experts.learned import load_weights
 
-    state = load_weights(WEIGHTS_NAME)
-    models = build_models()
-    for prefix in TRAINED:
-        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        part = {k: v.float() if v.is_floating_point() else v for k, v in part.items()}  # float16 stored
-        module = getattr(models, prefix)
-        if prefix != "thumbnail":
-            module.load_state_dict(part, strict=True)
-            continue
-        missing = {k for k in module.state_dict() if not k.startswith(THUMBNAIL_FROZEN)} - set(part)
-        if missing:
-            raise ModelNotAvailableError(
-                f"the {WEIGHTS_NAME} weights lack thumbnail tensors ({sorted(missing)[:3]}); reinstall"
-            )
-        module.load_state_dict(part, strict=False)
+    models = load_trained(build_models(), load_weights(WEIGHTS_NAME))
     log.info("loaded %s weights", WEIGHTS_NAME)
     return models
 
@@ -369,7 +381,7 @@ def patch_heatmap(prediction: Prediction, shape: tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class AIGeneratedImage:
     name = "ai_generated"
-    version = "2"
+    version = "3"
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
         "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from experts import get_expert, load_image
 from experts.ai_generated import MIN_SIDE, THRESHOLD, grid_positions, npr_patches
@@ -90,10 +91,27 @@ def test_the_weights_file_leaves_out_what_loads_from_the_package():
     models = build_models()
     state = trained_state(models)
     thumbnail = {k[len("thumbnail.") :] for k in state if k.startswith("thumbnail.")}
-    assert not any(k.startswith(THUMBNAIL_FROZEN) for k in thumbnail)
+    assert not any(k.startswith(THUMBNAIL_FROZEN) and k.endswith(".weight") for k in thumbnail)
     assert {"blocks.2.0.conv_pw.weight", "conv_head.weight", "classifier.weight"} <= thumbnail
     assert {"combine.weight", "thumbnail_combine.weight", "head.1.weight", "npr.fc.weight"} <= set(state)
     assert not any(k.startswith(("conv_stem", "blocks.")) for k in state)  # the frozen backbone
+
+
+def test_the_shipped_thumbnail_network_is_the_trained_one():
+    """Training adapts the batch-norm statistics of the layers whose weights stay frozen; the shipped
+    file must carry them, or the network runs on ImageNet statistics it was not validated with."""
+    from experts.ai_generated import build_models, load_trained, thumbnail_logits, trained_state
+
+    trained = build_models()
+    with torch.no_grad():
+        for name, buffer in trained.thumbnail.named_buffers():
+            if name.startswith(("bn1.", "blocks.0.")) and buffer.is_floating_point():
+                buffer.mul_(1.5).add_(0.1)  # what running statistics do in train mode
+    shipped = load_trained(build_models(), trained_state(trained))
+    views = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected, got = thumbnail_logits(trained.thumbnail, views), thumbnail_logits(shipped.thumbnail, views)
+    assert torch.allclose(got, expected, atol=0.05)
 
 
 def test_a_long_thin_strip_is_cut_to_its_middle_before_it_is_enlarged():
