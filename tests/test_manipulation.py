@@ -85,6 +85,14 @@ def test_tiny_image_is_not_applicable():
     assert "too small" in evidence.summary
 
 
+def test_a_thumbnail_is_left_to_the_experts_made_for_it():
+    """On CIFAKE's 32 px images the network's score is noise that read as editing evidence."""
+    thumbnail = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    evidence = ManipulationLocaliser().analyze(load_image(thumbnail))
+    assert not evidence.applicable and "trained on photos" in evidence.summary
+    assert ManipulationLocaliser().analyze(load_image(np.resize(thumbnail, (65, 96, 3)))).applicable
+
+
 def test_missing_weights_make_it_not_applicable(monkeypatch, pristine):
     def missing():
         raise ModelNotAvailableError("experts/weights/manipulation.safetensors is missing")
