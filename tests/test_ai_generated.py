@@ -90,9 +90,11 @@ def test_the_weights_file_leaves_out_what_loads_from_the_package():
 
     models = build_models()
     state = trained_state(models)
-    thumbnail = {k[len("thumbnail.") :] for k in state if k.startswith("thumbnail.")}
-    assert not any(k.startswith(THUMBNAIL_FROZEN) and k.endswith(".weight") for k in thumbnail)
-    assert {"blocks.2.0.conv_pw.weight", "conv_head.weight", "classifier.weight"} <= thumbnail
+    first = {k[len("thumbnail.members.0.") :] for k in state if k.startswith("thumbnail.members.0.")}
+    last = {k for k in state if k.startswith(f"thumbnail.members.{len(models.thumbnail.members) - 1}.")}
+    assert not any(k.startswith(THUMBNAIL_FROZEN) and k.endswith(".weight") for k in first)
+    assert {"blocks.2.0.conv_pw.weight", "conv_head.weight", "classifier.weight"} <= first
+    assert "bn1.running_mean" in first and len(last) == len(first)
     assert {"combine.weight", "thumbnail_combine.weight", "head.1.weight", "npr.fc.weight"} <= set(state)
     assert not any(k.startswith(("conv_stem", "blocks.")) for k in state)  # the frozen backbone
 
@@ -105,7 +107,7 @@ def test_the_shipped_thumbnail_network_is_the_trained_one():
     trained = build_models()
     with torch.no_grad():
         for name, buffer in trained.thumbnail.named_buffers():
-            if name.startswith(("bn1.", "blocks.0.")) and buffer.is_floating_point():
+            if name.startswith(("members.0.bn1.", "members.1.blocks.0.")) and buffer.is_floating_point():
                 buffer.mul_(1.5).add_(0.1)  # what running statistics do in train mode
     shipped = load_trained(build_models(), trained_state(trained))
     views = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
