@@ -399,7 +399,7 @@ def patch_heatmap(prediction: Prediction, shape: tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class AIGeneratedImage:
     name = "ai_generated"
-    version = "4"
+    version = "4"  # 3: ships the batch-norm statistics of its frozen layers; 4: three thumbnail networks
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
         "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "
