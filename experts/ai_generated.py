@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from experts.base import Evidence, ModelNotAvailableError, not_applicable
+from experts.base import Evidence, ModelNotAvailableError, not_applicable, nothing_to_examine
 from experts.fusion import THUMBNAIL_SIDE
 from experts.image import LoadedImage
 from experts.maps import resize_map
@@ -399,7 +399,9 @@ def patch_heatmap(prediction: Prediction, shape: tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class AIGeneratedImage:
     name = "ai_generated"
-    version = "4"  # 3: ships the batch-norm statistics of its frozen layers; 4: three thumbnail networks
+    # 3: ships the batch-norm statistics of its frozen layers; 4: three thumbnail networks; 5: declines a
+    # featureless image
+    version = "5"
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
         "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "
@@ -415,6 +417,8 @@ class AIGeneratedImage:
                 f"detector needs at least {MIN_SIDE}x{MIN_SIDE} pixels.",
                 self.version,
             )
+        if image.featureless:
+            return nothing_to_examine(self.name, self.version)
         models = shipped_models()
         prediction = predict(models, image.pixels)
         heatmap = patch_heatmap(prediction, (height, width))

@@ -166,3 +166,14 @@ def not_applicable(expert: str, reason: str, version: str = "1", **details: Any)
     return Evidence(
         expert=expert, score=None, applicable=False, summary=reason, details=details, version=version
     )
+
+
+def nothing_to_examine(expert: str, version: str) -> Evidence:
+    """An expert's answer on a featureless image (LoadedImage.featureless): finding nothing there is
+    not evidence of authenticity."""
+    return not_applicable(
+        expert,
+        "The image is nearly one flat colour, so there is no detail for this expert to examine; finding "
+        "nothing here says nothing about authenticity.",
+        version,
+    )

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 
-from experts.base import Evidence, Region, not_applicable
+from experts.base import Evidence, Region, not_applicable, nothing_to_examine
 from experts.image import LoadedImage
 from experts.maps import resize_map, working_copy
 
@@ -73,7 +73,7 @@ class _Duplication:
 @dataclass(frozen=True)
 class CopyMove:
     name = "copy_move"
-    version = "1"
+    version = "2"  # 2: declines a featureless image
     description = (
         "Copy-move detection: finds a region duplicated within the same image (SIFT keypoints with "
         "RANSAC, DCT block matching, pixel-level check) and marks both copies."
@@ -93,6 +93,8 @@ class CopyMove:
                 f"copy-move detection needs at least {MIN_SIDE} pixels on each side.",
                 self.version,
             )
+        if image.featureless:
+            return nothing_to_examine(self.name, self.version)
         pixels, keypoint_scale = working_copy(image.pixels, self.keypoint_pixels)
         keypoint_luma = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)  # BT.601 luma
         small, small_scale = working_copy(keypoint_luma, self.analysis_pixels)

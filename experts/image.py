@@ -25,6 +25,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from experts.base import ImageFacts, InvalidImageError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # the JPEG reader also opens MPO
+FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP; raise with max_pixels= or FORENSICS_MAX_PIXELS
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted data
@@ -74,6 +75,12 @@ class LoadedImage:
         """Luma (ITU-R BT.601, as JPEG uses) as float32 HxW in [0, 255]."""
         rgb = self.pixels.astype(np.float32)
         return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+    @cached_property
+    def featureless(self) -> bool:
+        """Next to nothing in it (a flat colour, a blank page): the spread of its luma is under
+        FEATURELESS_SPREAD grey levels. No pixel expert can examine such an image, so none may clear it."""
+        return float(self.gray[::2, ::2].std()) < FEATURELESS_SPREAD
 
     @cached_property
     def display(self) -> np.ndarray:

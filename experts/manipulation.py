@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from experts.base import Evidence, ModelNotAvailableError, not_applicable
+from experts.base import Evidence, ModelNotAvailableError, not_applicable, nothing_to_examine
 from experts.fusion import THUMBNAIL_SIDE
 from experts.image import LoadedImage
 from experts.maps import fit_longest_side, mask_from_heatmap, regions_from_mask, resize_map
@@ -272,7 +272,9 @@ def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]
 @dataclass(frozen=True)
 class ManipulationLocaliser:
     name = "manipulation"
-    version = "4"  # 2: works at 384 px (was 512); 3: the summary states the score once; 4: no thumbnails
+    # 2: works at 384 px (was 512); 3: the summary states the score once; 4: no thumbnails; 5: declines a
+    # featureless image
+    version = "5"
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
         "retouched regions, that maps where the photo was edited and scores how likely an edit is."
@@ -308,6 +310,8 @@ class ManipulationLocaliser:
                 f"{working_short:.0f} px (it needs at least {self.min_working_side}).",
                 self.version,
             )
+        if image.featureless:
+            return nothing_to_examine(self.name, self.version)
         try:
             model = load_localiser()
         except ModelNotAvailableError as exc:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from experts.base import Evidence, not_applicable
+from experts.base import Evidence, not_applicable, nothing_to_examine
 from experts.image import LoadedImage
 from experts.maps import mask_from_heatmap, ratio_phrase, regions_from_mask, resize_map, working_copy
 
@@ -108,7 +108,7 @@ def measure_noise(pixels: np.ndarray, block: int, edge_percentile: float) -> Noi
 @dataclass(frozen=True)
 class NoiseInconsistency:
     name = "noise"
-    version = "1"
+    version = "2"  # 2: declines a featureless image
     description = (
         "Noise inconsistency: maps the local noise level (luma and colour), allowing for brightness and "
         "texture, and marks a region whose noise is clearly higher or lower than the rest of the image."
@@ -136,6 +136,8 @@ class NoiseInconsistency:
                 f"pixels; it needs at least {3 * self.block} on each side).",
                 self.version,
             )
+        if image.featureless:
+            return nothing_to_examine(self.name, self.version)
         levels = measure_noise(pixels, self.block, self.edge_percentile)
         if levels.reliable.sum() < self.min_blocks:
             return not_applicable(

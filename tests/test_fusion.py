@@ -68,6 +68,24 @@ def test_a_partial_analysis_does_not_clear_on_experts_it_did_not_run():
     assert analyze(load_image(samples.authentic().data)).verdict.label == "authentic"  # every expert
 
 
+def test_a_featureless_image_is_uncertain_not_cleared():
+    """A flat colour gives the pixel experts nothing to examine: their silence must not clear it."""
+    from assistant.analysis import analyze
+    from experts import load_image
+
+    flat = np.full((256, 384, 3), 200, np.uint8)
+    flat[::7, ::5] = 203  # a faint flicker, as re-compression leaves: still featureless
+    analysis = analyze(load_image(flat))
+    assert analysis.verdict.label == "uncertain"
+    for name in ("noise", "jpeg", "copy_move", "manipulation", "ai_generated"):
+        evidence = analysis.evidence_for(name)
+        assert not evidence.applicable and "flat colour" in evidence.summary, name
+    photo = load_image(
+        (flat.astype(np.float32) * 0.2 + np.indices((256, 384)).sum(0)[..., None] % 9).astype(np.uint8)
+    )
+    assert not photo.featureless  # a faint gradient with texture is still examined
+
+
 def test_too_little_evidence_is_uncertain_not_authentic():
     verdict = fuse([evidence("ela", None)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None
