@@ -95,18 +95,21 @@ def middle_part(pixels: np.ndarray, aspect: float = MAX_ASPECT) -> np.ndarray:
     return pixels
 
 
+def resized_to_short_side(pixels: np.ndarray, side: int) -> np.ndarray:
+    """The image (of a long strip, its middle part) resized (cubic) so that its short side is `side`."""
+    pixels = middle_part(pixels)
+    height, width = pixels.shape[:2]
+    scale = side / min(height, width)
+    size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    return cv2.resize(np.ascontiguousarray(pixels), size, interpolation=cv2.INTER_CUBIC)
+
+
 def enlarge_for_backbone(pixels: np.ndarray) -> np.ndarray:
     """Images with a side under 224 px enlarged (cubic) so the short side is 224 (of a long strip, its
     middle part)."""
-    height, width = pixels.shape[:2]
-    short = min(height, width)
-    if short >= BACKBONE_SIZE:
+    if min(pixels.shape[:2]) >= BACKBONE_SIZE:
         return pixels
-    pixels = middle_part(pixels)
-    height, width = pixels.shape[:2]
-    scale = BACKBONE_SIZE / short
-    size = (max(BACKBONE_SIZE, round(width * scale)), max(BACKBONE_SIZE, round(height * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_CUBIC)
+    return resized_to_short_side(pixels, BACKBONE_SIZE)
 
 
 def grid_positions(height: int, width: int, size: int, count: int) -> list[tuple[int, int]]:
@@ -133,12 +136,8 @@ def backbone_crops(view: np.ndarray, count: int = MAX_CROPS) -> np.ndarray:
 
 def thumbnail_view(pixels: np.ndarray) -> np.ndarray:
     """(THUMBNAIL_INPUT, THUMBNAIL_INPUT, 3) uint8: enlarged (cubic) to that short side, centre crop."""
-    pixels = middle_part(pixels)
-    height, width = pixels.shape[:2]
-    scale = THUMBNAIL_INPUT / min(height, width)
-    size = (max(THUMBNAIL_INPUT, round(width * scale)), max(THUMBNAIL_INPUT, round(height * scale)))
-    pixels = cv2.resize(np.ascontiguousarray(pixels), size, interpolation=cv2.INTER_CUBIC)
-    y, x = (size[1] - THUMBNAIL_INPUT) // 2, (size[0] - THUMBNAIL_INPUT) // 2
+    pixels = resized_to_short_side(pixels, THUMBNAIL_INPUT)
+    y, x = (pixels.shape[0] - THUMBNAIL_INPUT) // 2, (pixels.shape[1] - THUMBNAIL_INPUT) // 2
     return pixels[y : y + THUMBNAIL_INPUT, x : x + THUMBNAIL_INPUT]
 
 

@@ -35,6 +35,12 @@ _PIL_LIMIT_LOCK = threading.Lock()
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R BT.601, as JPEG uses) of RGB pixels, as float32 in [0, 255]."""
+    rgb = rgb.astype(np.float32)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedImage:
     """An image ready for the experts. `pixels` is RGB uint8 HxWx3 exactly as stored (no EXIF
@@ -73,15 +79,13 @@ class LoadedImage:
     @cached_property
     def gray(self) -> np.ndarray:
         """Luma (ITU-R BT.601, as JPEG uses) as float32 HxW in [0, 255]."""
-        rgb = self.pixels.astype(np.float32)
-        return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        return luma(self.pixels)
 
     @cached_property
     def featureless(self) -> bool:
         """Next to nothing in it (a flat colour, a blank page): the spread of its luma is under
         FEATURELESS_SPREAD grey levels. No pixel expert can examine such an image, so none may clear it."""
-        sample = self.pixels[::4, ::4].astype(np.float32)  # a sample: a 50 MP image stays cheap
-        return float((sample @ np.float32([0.299, 0.587, 0.114])).std()) < FEATURELESS_SPREAD
+        return float(luma(self.pixels[::4, ::4]).std()) < FEATURELESS_SPREAD  # a sample: 50 MP stays cheap
 
     @cached_property
     def display(self) -> np.ndarray:

@@ -417,8 +417,8 @@ def train_thumbnail(
         optimiser, config.thumbnail_lr, total_steps=max(1, per_epoch * config.thumbnail_epochs)
     )
     network, optimiser = accelerator.prepare(network, optimiser)
-    name = "thumbnail_checkpoint.pt" if member == 0 else f"thumbnail_{member}_checkpoint.pt"
-    checkpoints = Checkpoints(config.out, name)
+    file_name = "thumbnail_checkpoint.pt" if member == 0 else f"thumbnail_{member}_checkpoint.pt"
+    checkpoints = Checkpoints(config.out, file_name)
     rng = np.random.default_rng(config.seed + 2 + 1000 * member)
     first, history = 0, []
     state = checkpoints.load(config.resume)
