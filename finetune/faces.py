@@ -253,13 +253,18 @@ class EncodeAlike:
     blur_sigma: tuple[float, float] = (0.5, 2.0)
 
     def __call__(self, rng: np.random.Generator, crop: np.ndarray) -> bytes:
+        return self.encode(rng, crop)[0]
+
+    def encode(self, rng: np.random.Generator, crop: np.ndarray) -> tuple[bytes, bool]:
+        """The encoded file and whether it was mirrored (the same draws as calling it)."""
         image = self.degrade(rng, crop)
-        if rng.random() < self.p_flip:
+        mirrored = bool(rng.random() < self.p_flip)
+        if mirrored:
             image = np.ascontiguousarray(image[:, ::-1])
         if rng.random() < self.p_lossless:
-            return png_bytes(image)
+            return png_bytes(image), mirrored
         quality = int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
-        return jpeg_bytes(image, quality, int(rng.choice([0, 2])))
+        return jpeg_bytes(image, quality, int(rng.choice([0, 2]))), mirrored
 
     def degrade(self, rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
         """The quality loss alone (blur, resolution loss), without the flip and the encoding."""
@@ -284,13 +289,16 @@ def normalised_set(
     blended_per_real: int = 1,
     draw: str = "{path}|{variant}|{index}",
     source: EncodeAlike | None = None,
+    boundaries: list[np.ndarray] | None = None,
 ) -> tuple[list[bytes], np.ndarray]:
     """Encoded files and labels: `variants` normalised copies of every crop, plus, for every real crop,
     `blended_per_real` self-blended fakes per variant, all through the same `encode`. Each copy's
     randomness is fixed by (seed, `draw` filled in with the crop's path, variant and index). With a
     `source`, its quality loss is applied to the crop first, before any fake is made of it: a soft
-    photo, not a softened forgery."""
+    photo, not a softened forgery. A `boundaries` list receives each file's blend_boundary (zeros
+    for a real or GAN face); the files are the same with or without it."""
     files, labels = [], []
+    none = np.zeros((BOUNDARY_SIDE, BOUNDARY_SIDE), np.float32)
     for index, (original, points, label, path) in enumerate(
         zip(crops.crops, crops.keypoints, crops.labels, crops.paths, strict=True)
     ):
@@ -299,12 +307,29 @@ def normalised_set(
             crop = source.degrade(rng, original) if source else original
             files.append(encode(rng, crop))
             labels.append(int(label))
+            if boundaries is not None:
+                boundaries.append(none)
             if label == REAL:
                 for _ in range(blended_per_real):
-                    fake, _ = self_blend(rng, crop, points)
-                    files.append(encode(rng, fake))
+                    fake, mask = self_blend(rng, crop, points)
+                    data, mirrored = encode.encode(rng, fake)
+                    files.append(data)
                     labels.append(BLENDED)
+                    if boundaries is not None:
+                        boundaries.append(blend_boundary(mask[:, ::-1] if mirrored else mask))
     return files, np.array(labels, np.int64)
+
+
+BOUNDARY_SIDE = 16  # the blend-boundary target's side: the classifier's stride-16 feature map of a face
+
+
+def blend_boundary(mask: np.ndarray, side: int = BOUNDARY_SIDE) -> np.ndarray:
+    """Where a blended face mixes two images, as Face X-ray (Li et al., CVPR 2020) marks it: 4 M (1 - M)
+    of the soft blending mask M (1 where they mix half and half: the blurred edge, and the whole face
+    when its blending ratio is below 1), averaged over side x side cells (float32)."""
+    return cv2.resize(4.0 * mask * (1.0 - mask), (side, side), interpolation=cv2.INTER_AREA).astype(
+        np.float32
+    )
 
 
 # --------------------------------------------------------------------------------------------------

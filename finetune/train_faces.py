@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 from tqdm import tqdm
 
 from assistant.metrics import roc_auc
@@ -80,6 +81,11 @@ class FacesConfig(RecipeConfig):
     # forgery); the file is then encoded as the benchmark does (EncodeAlike's defaults), every class
     # alike. Off: the loss comes after the blend, over the finished fake.
     source_loss: bool = False
+    # Weight of an auxiliary loss (0: off): a 1x1 convolution on block BOUNDARY_BLOCK's features learns
+    # where a blended face's two images meet (Face X-ray, Li et al. CVPR 2020), so the classifier is
+    # taught where to look, not only what to answer. Training only: the shipped classifier is unchanged
+    # in shape and the boundary head is not shipped.
+    boundary_weight: float = 0.0
 
 
 def _encoder(config: FacesConfig) -> tuple[EncodeAlike, EncodeAlike | None]:
@@ -112,13 +118,17 @@ def face_crops(split: str, out: Path) -> FaceCrops:
 
 def epoch_files(
     crops: FaceCrops, config: FacesConfig, epoch: int, encode: EncodeAlike, source: EncodeAlike | None = None
-) -> tuple[list[bytes], torch.Tensor]:
+) -> tuple[list[bytes], torch.Tensor, torch.Tensor]:
     """One epoch's training files, drawn fresh (Shiohara & Yamasaki draw a new self-blend every time a
     face is seen): every face once, normalised, and beside every real face a self-blended fake of it,
-    all through the same `encode`. Fixed by (seed, epoch), so a resumed run sees the same data."""
+    all through the same `encode`; with their labels and blend-boundary targets. Fixed by (seed,
+    epoch), so a resumed run sees the same data."""
     draw = "{path}|{index}|epoch " + str(epoch)
-    files, labels = normalised_set(crops, config.seed, 1, encode, draw=draw, source=source)
-    return files, torch.as_tensor(labels)
+    boundaries: list[np.ndarray] = []
+    files, labels = normalised_set(
+        crops, config.seed, 1, encode, draw=draw, source=source, boundaries=boundaries
+    )
+    return files, torch.as_tensor(labels), torch.as_tensor(np.stack(boundaries))[:, None]
 
 
 def train_mode(model: nn.Module) -> None:
@@ -132,11 +142,32 @@ def pixels(files: Sequence[bytes]) -> torch.Tensor:
     return normalise(np.stack([decode(data) for data in files]))
 
 
+BOUNDARY_BLOCK = 4  # its output (112 channels, stride 16) feeds the boundary head
+
+
+def boundary_head(model: nn.Module) -> nn.Module:
+    """A 1x1 convolution from block BOUNDARY_BLOCK's features to one blend-boundary logit per cell."""
+    return nn.Conv2d(model.blocks[BOUNDARY_BLOCK][-1].conv_pwl.out_channels, 1, 1)
+
+
 def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The classifier's logits, with no gradient through the frozen stem and first blocks."""
     with torch.no_grad():
         features = stem_features(model, images)
     return head_logits(model, features)
+
+
+def logits_and_boundary(
+    model: nn.Module, head: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's logits (as `logits`) and the boundary head's map (n, 1, 16, 16) on the way."""
+    with torch.no_grad():
+        features = stem_features(model, images)
+    for index in range(FIRST_TRAINED_BLOCK, len(model.blocks)):
+        features = model.blocks[index](features)
+        if index == BOUNDARY_BLOCK:
+            boundary = head(features)
+    return model.forward_head(model.bn2(model.conv_head(features))), boundary
 
 
 @torch.no_grad()
@@ -198,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Real faces weigh as much as both kinds of fake together: a false accusation is the worse error.
     class_weights = torch.tensor([0.5, 0.25, 0.25]) * counts.sum() / counts
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
+    aux = boundary_head(model)
     head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    head += list(aux.parameters()) if config.boundary_weight else []
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
     optimizer = torch.optim.AdamW(
         [{"params": body, "lr": config.lr}, {"params": head, "lr": 4 * config.lr}],
@@ -210,29 +243,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         optimizer,
         lambda step: min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total)),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, aux, optimizer = accelerator.prepare(model, aux, optimizer)
 
     checkpoints = Checkpoints(out)
     state = checkpoints.load(config.resume)
     epoch, best, history = 0, None, []
     if state:
         model.load_state_dict(state["model"], strict=False)
+        if "boundary_head" in state:
+            aux.load_state_dict(state["boundary_head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         epoch, best, history = state["epoch"], state["best"], state["history"]
         log.info("resumed after epoch %d", epoch)
 
     while epoch < config.epochs:
-        files, labels = epoch_files(train_crops, config, epoch, encode, source)
+        files, labels, boundaries = epoch_files(train_crops, config, epoch, encode, source)
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(labels), generator=generator)
         train_mode(model)
+        aux.train()
         running = 0.0
         progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
         for step in progress:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = pixels([files[i] for i in index])
-            loss = criterion(logits(model, images), labels[index])
+            if config.boundary_weight:
+                output, boundary = logits_and_boundary(model, aux, images)
+                loss = criterion(output, labels[index]) + config.boundary_weight * (
+                    functional.binary_cross_entropy_with_logits(boundary, boundaries[index])
+                )
+            else:
+                loss = criterion(logits(model, images), labels[index])
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
@@ -251,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
         checkpoints.save(
             model=trained_state(model),
+            boundary_head=aux.state_dict(),
             optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(),
             epoch=epoch,
@@ -261,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.load_state_dict(best["state"], strict=False)
     offset = calibrate(model, val_files, val_labels, config.max_real_called_fake)
     calibrated = scores_by_kind(predict(model, val_files), val_labels)
-    train_files, train_labels = epoch_files(train_crops, config, 0, encode, source)
+    train_files, train_labels, _ = epoch_files(train_crops, config, 0, encode, source)
     baseline = format_baseline(train_files, train_labels.numpy(), val_files, val_labels)
     summary = {"calibration_offset": offset, "calibrated": calibrated, "format_baseline_val": baseline}
     (out / "history.json").write_text(json.dumps({"history": history, **summary}, indent=2))
@@ -287,6 +330,16 @@ def _loss_order(config: FacesConfig) -> str:
     return "over the finished file (after the self-blend for a blended fake);"
 
 
+def _boundary_loss(config: FacesConfig) -> str:
+    if not config.boundary_weight:
+        return ""
+    return f"""
+- Auxiliary loss (weight {config.boundary_weight}): a 1x1 convolution on block {BOUNDARY_BLOCK}'s features
+  (16x16 for a face) predicts where a blended face mixes two images, 4 M (1 - M) of its blending mask M
+  (Face X-ray, Li et al. CVPR 2020; zero for real and GAN faces), by binary cross-entropy. It trains
+  the blocks it reads; the convolution itself is not shipped and the expert does not run it."""
+
+
 def _card(config: FacesConfig, labels: torch.Tensor, best_epoch: int) -> str:
     counts = np.bincount(labels.numpy(), minlength=len(CLASSES))
     return f"""# faces: deepfake-face classifier (experts/faces.py)
@@ -309,7 +362,7 @@ blocks 0-{FIRST_TRAINED_BLOCK - 1} come from the package at load time.
   and a new self-blend of every real one, {counts[0]} real, {counts[1]} GAN and {counts[2]} blended
   per epoch.
 - Loss: cross-entropy with label smoothing {config.label_smoothing}; the real faces weigh as much as both
-  kinds of fake together (a false accusation is the worse error).
+  kinds of fake together (a false accusation is the worse error).{_boundary_loss(config)}
 - Model selection on `val` ({config.val_variants} normalised copies per face; best epoch:
   {best_epoch}); `test` never read.
 - Calibration on `val`, after selection: the real class's bias is raised so that at most

@@ -118,8 +118,9 @@ def test_training_draws_fresh_self_blends_each_epoch(astronaut):
         np.stack([crop, crop]), np.stack([keypoints, keypoints]), np.array([0, 1]), ("real.png", "gan.png")
     )
     config = FacesConfig()
-    files, labels = epoch_files(crops, config, 0, *_encoder(config))
+    files, labels, boundaries = epoch_files(crops, config, 0, *_encoder(config))
     assert labels.tolist() == [0, 2, 1]  # real, its self-blend, GAN
+    assert boundaries.shape == (3, 1, 16, 16) and boundaries[1].max() > 0 == boundaries[[0, 2]].abs().max()
     assert epoch_files(crops, config, 0, *_encoder(config))[0] == files
     assert epoch_files(crops, config, 1, *_encoder(config))[0] != files
 
@@ -132,6 +133,22 @@ def test_training_keeps_the_frozen_stem_in_eval_mode():
     train_mode(model)
     assert not model.bn1.training and not model.blocks[FIRST_TRAINED_BLOCK - 1].training
     assert model.blocks[FIRST_TRAINED_BLOCK].training and model.classifier.training
+
+
+def test_the_boundary_head_reads_the_classifier_on_the_way_without_changing_its_answer():
+    """With the auxiliary blend-boundary loss the classifier computes the same logits (the head is a
+    side branch, trained only), and the boundary map has the target's shape."""
+    import torch
+
+    from experts.faces import build_classifier
+    from finetune.train_faces import boundary_head, logits, logits_and_boundary
+
+    model = build_classifier(pretrained=False).eval()
+    images = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        output, boundary = logits_and_boundary(model, boundary_head(model), images)
+        assert torch.allclose(output, logits(model, images), atol=1e-5)
+    assert boundary.shape == (2, 1, 16, 16)
 
 
 def test_calibration_raises_the_bar_for_calling_a_real_face_fake(astronaut):
