@@ -81,6 +81,10 @@ class FusionConfig(RecipeConfig):
     # One image model per kind of image (experts.fusion.context_of: photo, thumbnail); the shipped fit
     # has one for all (the fusion card, "Calibration by kind of image", says why).
     by_context: bool = False
+    # With one image model for all, a temperature per kind of image, fitted on that kind's out-of-fold
+    # logits: the same weighing of evidence, calibrated where it is used (shipped since stop 31; one
+    # pooled temperature left CIFAKE's sharper scores under-confident and photos' over-confident).
+    temperature_by_context: bool = True
     pixels_per_image: int = 2000
     limit: int = 0  # the first N val images of a class-balanced sample (0: all), for a quick check
     experts: tuple[str, ...] = ()  # the experts to fuse (default: every registered one but provenance)
@@ -349,7 +353,7 @@ def mean_pixel_f1(
 def fit_image_model(
     config: FusionConfig, records: list[dict], experts: list[str]
 ) -> tuple[ImageModel, np.ndarray]:
-    """The image model for one kind of image, and its calibrated out-of-fold probabilities."""
+    """The image model for one kind of image, and its out-of-fold logits (before the temperature)."""
     features, labels = image_features(records, experts)
     weights = balance(records, config.balance)
     k = len(experts)
@@ -390,7 +394,19 @@ def fit_image_model(
         temperature=temperature,
         typical=tuple(float(typical[i] + typical[k + i]) for i in range(k)),
     )
-    return model, 1.0 / (1.0 + np.exp(-out_of_fold / temperature))
+    return model, out_of_fold
+
+
+def temperature_per_kind(
+    model: ImageModel, logits: np.ndarray, labels: np.ndarray, kinds: np.ndarray
+) -> dict[str, ImageModel]:
+    """`model` for each kind of image, with the temperature fitted on that kind's logits alone."""
+    return {
+        kind: dataclasses.replace(
+            model, temperature=fit_temperature(logits[kinds == kind], labels[kinds == kind])
+        )
+        for kind in sorted(set(kinds))
+    }
 
 
 def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
@@ -398,13 +414,16 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
         {name for r in records for name in r["experts"]} - set(PROVENANCE_EXPERTS) - set(PIXEL_ONLY)
     )
     labels = np.array([r["positive"] for r in records], np.float32)
-    contexts = np.array([context_of(r["shape"]) if config.by_context else PHOTO for r in records])
-    image_models, probability = {}, np.zeros(len(records))
+    kinds = np.array([context_of(r["shape"]) for r in records])
+    contexts = kinds if config.by_context else np.full(len(records), PHOTO)
+    image_models, logits = {}, np.zeros(len(records))
     for context in sorted(set(contexts)):
         rows = np.flatnonzero(contexts == context)
-        image_models[context], probability[rows] = fit_image_model(
-            config, [records[i] for i in rows], experts
-        )
+        image_models[context], logits[rows] = fit_image_model(config, [records[i] for i in rows], experts)
+    if config.temperature_by_context and not config.by_context:
+        contexts, image_models = kinds, temperature_per_kind(image_models[PHOTO], logits, labels, kinds)
+    temperature = np.array([image_models[context].temperature for context in contexts])
+    probability = 1.0 / (1.0 + np.exp(-logits / temperature))
 
     rng = np.random.default_rng(config.seed)
     pixel_experts = sorted({n for r in records if r["truth"] is not None for n in r["maps"]})
@@ -537,6 +556,44 @@ Pixel model: {pixel_rows}; bias {pixel_bias:.3f}.
 """
 
 
+def _weight_rows(model: FusionModel) -> list[str]:
+    """The card's table of the image models: one column group per model, or one for a model that the
+    kinds of image share (only their temperatures differ)."""
+    models = dict(model.image_models)
+    shared = len({dataclasses.replace(m, temperature=1.0) for m in models.values()}) == 1
+    shown = dict(list(models.items())[:1]) if shared else models
+    header = " | ".join(
+        f"{c} presence c (defence if < 0) | {c} score weight w | {c} typical t (not run)" for c in shown
+    )
+    rows = [f"| expert | {header} |", "|---|" + "---:|---:|---:|" * len(shown)]
+    for i, name in enumerate(next(iter(models.values())).experts):
+        cells = " | ".join(
+            f"{m.presence[i]:+.3f} | {m.weight[i]:.3f} | {m.typical[i]:+.3f}" for m in shown.values()
+        )
+        rows.append(f"| {name} | {cells} |")
+    if shared:
+        temperatures = ", ".join(f"{c} {m.temperature:.3f}" for c, m in models.items())
+        first = next(iter(models.values()))
+        return [*rows, f"| bias | {first.bias:+.3f} | — | — |", "", f"Temperature: {temperatures}."]
+    temperature_row = " | ".join(f"{m.bias:+.3f} | {m.temperature:.3f} | —" for m in models.values())
+    return [*rows, f"| bias, temperature | {temperature_row} |"]
+
+
+def _contexts_sentence(config: FusionConfig) -> str:
+    if config.by_context:
+        return (
+            "Photos and thumbnails (short side at most 64 px: CIFAKE) each have such an image model "
+            "(`experts.fusion.context_of`)."
+        )
+    if config.temperature_by_context:
+        return (
+            "One image model weighs the evidence on every kind of image; photos and thumbnails (short "
+            "side at most 64 px: CIFAKE; `experts.fusion.context_of`) each have its temperature, fitted "
+            "on that kind's out-of-fold logits (`--temperature-by-context`)."
+        )
+    return "One image model serves every kind of image (`--by-context` fits one per kind)."
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(FusionConfig, argv)
     start(config)
@@ -545,23 +602,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(scores, indent=2))
     if config.ship:
         tensors, metadata = model.to_tensors()
-        contexts = list(model.image_models)
-        header = " | ".join(
-            f"{c} presence c (defence if < 0) | {c} score weight w | {c} typical t (not run)"
-            for c in contexts
-        )
-        rows = [f"| expert | {header} |", "|---|" + "---:|---:|---:|" * len(contexts)]
-        for i, name in enumerate(model.image_models[contexts[0]].experts):
-            cells = " | ".join(
-                f"{m.presence[i]:+.3f} | {m.weight[i]:.3f} | {m.typical[i]:+.3f}"
-                for m in model.image_models.values()
-            )
-            rows.append(f"| {name} | {cells} |")
-        rows.append(
-            "| bias, temperature | "
-            + " | ".join(f"{m.bias:+.3f} | {m.temperature:.3f} | —" for m in model.image_models.values())
-            + " |"
-        )
+        rows = _weight_rows(model)
         pixel_rows = ", ".join(
             f"{n} {w:.3f}" for n, w in zip(model.pixel_experts, model.pixel_weight, strict=True)
         )
@@ -573,12 +614,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pixel_rows=pixel_rows,
             pixel_bias=model.pixel_bias,
             fixed=", ".join(config.fixed) or "none",
-            contexts=(
-                "Photos and thumbnails (short side at most 64 px: CIFAKE) each have such an image model "
-                "(`experts.fusion.context_of`)."
-                if config.by_context
-                else "One image model serves every kind of image (`--by-context` fits one per kind)."
-            ),
+            contexts=_contexts_sentence(config),
             balance={"equal": "the same total", "sqrt": "the square root of its size", "none": "its size"}[
                 config.balance
             ],

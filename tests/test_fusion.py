@@ -171,6 +171,24 @@ def test_photos_and_thumbnails_are_weighed_by_their_own_image_model():
     assert fuse(found, SHAPE, MODEL).label == "authentic"  # no thumbnail model: the photo model
 
 
+def test_each_kind_of_image_gets_the_temperature_that_calibrates_it():
+    """One weighing of evidence, a temperature per kind: logits twice as sharp as the truth get 2, half
+    as sharp get 0.5, and nothing else of the model changes."""
+    from finetune.train_fusion import temperature_per_kind
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0.0, 3.0, 4000)  # calibrated logits
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-truth))).astype(np.float64)
+    kinds = np.array([PHOTO, THUMBNAIL] * 2000)
+    logits = np.where(kinds == PHOTO, 2.0 * truth, 0.5 * truth)
+    models = temperature_per_kind(MODEL.image_models[PHOTO], logits, labels, kinds)
+    assert set(models) == {PHOTO, THUMBNAIL}
+    assert models[PHOTO].temperature == pytest.approx(2.0, rel=0.15)
+    assert models[THUMBNAIL].temperature == pytest.approx(0.5, rel=0.15)
+    for model in models.values():
+        assert replace(model, temperature=2.0) == MODEL.image_models[PHOTO]
+
+
 def test_a_fixed_weight_is_kept_and_the_others_are_fitted():
     from finetune.train_fusion import fit_logistic
 
