@@ -11,7 +11,8 @@ authenticity). b, c, w are fitted by logistic regression on the `val` splits (ra
 JPEG and resized, so the weights hold up under re-compression), and the temperature T on out-of-fold
 predictions, so the probability is calibrated (finetune/train_fusion.py; the numbers are in
 experts/weights/fusion.md). The fusion can hold one such image model per kind of image (`context_of`:
-photo, thumbnail); the shipped fusion has one for all. A weight the `val` sets cannot teach is set by
+photo, thumbnail); the shipped fusion weighs the evidence alike on both and gives each its own
+temperature T. A weight the `val` sets cannot teach is set by
 design instead (metadata's: there its only signal is a CASIA artefact, see `FusionConfig.fixed`).
 Each driver of a verdict carries its contribution in log-odds.
 
