@@ -100,6 +100,17 @@ class Checkpoints:
         return torch.load(self.path, map_location="cpu", weights_only=False)
 
 
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys. safetensors writes its metadata in
+    a random order per process, so the same tensors gave a new sha256 on every run of a recipe; with
+    the header canonical, a recipe that reproduces its tensors reproduces the file byte for byte."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8 bytes
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
+
+
 def ship_weights(
     name: str,
     state_dict: Mapping[str, torch.Tensor],
@@ -117,6 +128,7 @@ def ship_weights(
     path = weights_file(name)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     save_file(tensors, path, metadata={"name": name, **(metadata or {})})
+    canonical_header(path)
     path.chmod(0o644)  # safetensors writes owner-only files; a shipped file must be readable by all
     parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     command = command or "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
