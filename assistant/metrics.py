@@ -96,21 +96,25 @@ def accuracy(labels: Values, scores: Values, threshold: float = DECISION_THRESHO
 
 
 def reliability_bins(
-    labels: Values, scores: Values, bins: int = CALIBRATION_BINS
+    labels: Values, scores: Values, bins: int = CALIBRATION_BINS, weights: Values | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width score bin: (count, mean score, fraction positive); empty bins hold NaN."""
+    """Per equal-width score bin: (count, mean score, fraction positive); empty bins hold NaN. With
+    `weights`, each image counts by its weight."""
     truth = np.asarray(labels, dtype=np.float64).ravel()
     values = np.asarray(scores, dtype=np.float64).ravel()
+    weight = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     index = np.clip((values * bins).astype(int), 0, bins - 1)  # a score of exactly 1.0 joins the top bin
-    counts = np.bincount(index, minlength=bins).astype(np.float64)
+    counts = np.bincount(index, weight, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(index, values, minlength=bins) / counts
-        observed = np.bincount(index, truth, minlength=bins) / counts
+        confidence = np.bincount(index, weight * values, minlength=bins) / counts
+        observed = np.bincount(index, weight * truth, minlength=bins) / counts
     return counts, confidence, observed
 
 
-def expected_calibration_error(labels: Values, scores: Values, bins: int = CALIBRATION_BINS) -> float:
-    counts, confidence, observed = reliability_bins(labels, scores, bins)
+def expected_calibration_error(
+    labels: Values, scores: Values, bins: int = CALIBRATION_BINS, weights: Values | None = None
+) -> float:
+    counts, confidence, observed = reliability_bins(labels, scores, bins, weights)
     total = counts.sum()
     if total == 0:
         return float("nan")

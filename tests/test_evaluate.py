@@ -57,6 +57,10 @@ def test_expected_calibration_error_and_accuracy():
     counts, confidence, observed = metrics.reliability_bins([1, 1], [1.0, 0.999])
     assert counts[-1] == 2 and confidence[-1] == pytest.approx(0.9995) and observed[-1] == 1.0
     assert metrics.accuracy([0, 1, 1], [0.49, 0.5, 0.2]) == pytest.approx(2 / 3)
+    # a weight counts as that many copies of the image
+    weighted = metrics.expected_calibration_error([0, 1, 1], [0.35, 0.35, 0.95], weights=[2, 1, 1])
+    copies = metrics.expected_calibration_error([0, 0, 1, 1], [0.35, 0.35, 0.35, 0.95])
+    assert weighted == pytest.approx(copies)
 
 
 def test_f1_iou_and_best_threshold():

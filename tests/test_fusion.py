@@ -272,6 +272,25 @@ def test_sample_weights_balance_data_sets_and_classes_as_asked():
         balance(records, "uniform")
 
 
+def test_val_is_reweighed_to_the_train_splits_mix_of_manipulations():
+    from finetune.train_fusion import balance, mix_weights
+
+    def record(positive: bool, manipulation: str) -> dict:
+        return {"dataset": "casia1", "positive": positive, "manipulation": manipulation}
+
+    records = [record(True, "copy_move")] * 3 + [record(True, "splicing")] + [record(False, "none")] * 2
+    mix = {("casia1", True): {"copy_move": 50, "splicing": 50, "removal": 7}, ("casia1", False): {"none": 9}}
+    factors = mix_weights(records, mix)
+    # half of the forgeries' weight each, among the manipulations val holds; the class keeps its total
+    assert factors[:4] == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0]) and factors[4:] == pytest.approx([1, 1])
+    assert mix_weights(records, None) == pytest.approx(np.ones(6))
+    unknown = {("casia1", True): {"copy_move": 50}}  # splicing not in the mix: taken as it comes
+    assert mix_weights(records, unknown) == pytest.approx(np.ones(6))
+    weights = balance(records, "equal", mix)
+    assert weights[:4].sum() == pytest.approx(weights[4:].sum())
+    assert weights[3] == pytest.approx(3 * weights[0])
+
+
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
 def test_val_verdicts_count_labels_with_and_without_the_lone_detector_rule():
     from finetune.train_fusion import val_verdicts
