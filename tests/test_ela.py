@@ -118,3 +118,15 @@ def test_resave_at_the_files_own_quality_changes_little():
     # Near-idempotent only if the re-save uses the same colour transform (RGB/BGR order) as the file.
     assert resave_error(image.pixels, 80).mean() < 0.3
     assert resave_error(image.pixels, 60).mean() > 10 * resave_error(image.pixels, 80).mean()
+
+
+@pytest.mark.parametrize(("quality", "applicable"), [(30, False), (52, False), (53, True), (75, True)])
+def test_declines_a_file_saved_below_every_quality_it_re_saves_at(expert, quality, applicable):
+    """Below its lowest re-save quality (50) plus 3 there is no lower quality to probe: the last
+    compression covers every region alike, and ELA says so instead of scoring."""
+    from skimage import data
+
+    evidence = expert.analyze(load_image(jpeg_bytes(data.coffee(), quality)))
+    assert evidence.applicable == applicable
+    if not applicable:
+        assert f"quality about {quality}" in evidence.summary and evidence.score is None
