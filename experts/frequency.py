@@ -36,7 +36,7 @@ import scipy.fft
 from scipy.ndimage import maximum_filter
 
 from experts.base import Evidence, not_applicable
-from experts.image import LoadedImage
+from experts.image import LoadedImage, luma
 
 TILE = 128
 SMALL_TILE = 64  # images under 128 px on a side; below 64 px there is no usable spectrum
@@ -66,13 +66,10 @@ def residual_tiles(pixels: np.ndarray, tile: int) -> np.ndarray:
     """(N, tile, tile) high-pass residuals (luma minus its 3x3 median) of tiles at native resolution;
     each tile is filtered with a 1-pixel margin so the tile edges are exact."""
     height, width = pixels.shape[:2]
-    weights = np.array([0.299, 0.587, 0.114], np.float32)
     out = []
     for y, x in _tile_positions(height, width, tile):
         y0, x0 = max(0, y - 1), max(0, x - 1)
-        patch = (
-            pixels[y0 : min(height, y + tile + 1), x0 : min(width, x + tile + 1)].astype(np.float32) @ weights
-        )
+        patch = luma(pixels[y0 : min(height, y + tile + 1), x0 : min(width, x + tile + 1)])
         residual = patch - cv2.medianBlur(patch, 3)
         out.append(residual[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile])
     return np.stack(out)

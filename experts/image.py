@@ -36,9 +36,12 @@ ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """Luma (ITU-R BT.601, as JPEG uses) of RGB pixels, as float32 in [0, 255]."""
-    rgb = rgb.astype(np.float32)
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    """Luma (ITU-R BT.601, as JPEG uses) of RGB pixels, as float32 in [0, 255]; channel by channel, so
+    no float copy of the whole RGB image is made."""
+    value = rgb[..., 0] * np.float32(0.299)
+    value += rgb[..., 1] * np.float32(0.587)
+    value += rgb[..., 2] * np.float32(0.114)
+    return value
 
 
 @dataclass(frozen=True, eq=False)

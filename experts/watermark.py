@@ -53,6 +53,7 @@ import cv2
 import numpy as np
 
 from experts.base import Evidence, ExpertError, not_applicable
+from experts.image import luma as luma_of
 from experts.maps import regions_from_mask
 
 TILE = 128
@@ -224,14 +225,6 @@ def _viterbi(soft: np.ndarray) -> np.ndarray:
 # Embedding
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """Float32 luma, channel by channel (no float copy of the whole RGB image)."""
-    luma = rgb[..., 0] * np.float32(0.299)
-    luma += rgb[..., 1] * np.float32(0.587)
-    luma += rgb[..., 2] * np.float32(0.114)
-    return luma
-
-
 def _masking(luma: np.ndarray) -> np.ndarray:
     """Perceptual strength per pixel: more in texture, less (never zero) in flat areas."""
     mean = cv2.blur(luma, (9, 9))
@@ -266,14 +259,14 @@ def embed(pixels: np.ndarray, payload: str, key: str = DEFAULT_KEY, psnr: float 
     data = payload_bytes(payload)
     coded = _conv_encode(_message_bits(data))
     tile = _tile(_patterns(key), coded)
-    luma = _luma(pixels)
+    luma = luma_of(pixels)
     signal = _tiled(tile, (height, width), _offset(data, key)) * _masking(luma)
     target_rms = 255.0 / 10 ** (psnr / 20)
     signal *= target_rms / float(np.sqrt((signal**2).mean()))
     marked = pixels.astype(np.float32) + signal[..., None]
     phase = _offset(data, key)
     for _ in range(2):  # a second pass re-quantises what clipping at 0 / 255 moved
-        change = _qim_change(_luma(marked), phase, _dither(key, data))
+        change = _qim_change(luma_of(marked), phase, _dither(key, data))
         marked = np.clip(marked + change[..., None], 0.0, 255.0)
     return np.clip(np.rint(marked), 0, 255).astype(np.uint8)
 
@@ -574,7 +567,7 @@ def verify(
     """Look for our watermark in an RGB uint8 image (possibly resized, cropped or re-compressed)."""
     patterns = _patterns(key)
     crop_pixels, crop_origin = _centre_crop(pixels, MAX_ANALYSIS_SIDE)
-    crop = _luma(crop_pixels)
+    crop = luma_of(crop_pixels)
     if min(crop.shape) < 2 * MIN_PERIOD + 4:
         return VerifyResult(False, (), False, (1.0, 1.0), 0.0, notes=("image too small to hold the mark",))
     residual = _residual(crop)
@@ -697,7 +690,7 @@ def semi_fragile_gain(
     best-matching one counts at each place."""
     if abs(scale[0] - 1.0) > 2e-3 or abs(scale[1] - 1.0) > 2e-3:
         return None  # resampling smears the 8x8 blocks: partly readable bits would raise false alarms
-    luma = _luma(pixels)
+    luma = luma_of(pixels)
     if min(luma.shape) < QIM_WINDOW * BLOCK + BLOCK:
         return None
     bits = len(QIM_COEFFS)
@@ -746,7 +739,7 @@ def tamper_gain(
     high-pass residual, e the expected (masked, high-passed) watermark and w = 1 / local residual
     variance, so busy texture does not drown the estimate. Saturated pixels (where the mark was clipped
     on embedding) carry no weight; windows with too little expected energy count as intact."""
-    luma = _luma(pixels)
+    luma = luma_of(pixels)
     residual = luma - cv2.GaussianBlur(luma, (0, 0), 3.0)
     weight = 1.0 / (cv2.GaussianBlur(residual * residual, (0, 0), 6.0) + 1.0)
     window = max(8, round(TAMPER_WINDOW * (scale[0] + scale[1]) / 2))
