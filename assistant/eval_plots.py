@@ -18,8 +18,9 @@ from assistant.evaluate import (
     format_cell,
     read_mask,
     transform_image,
+    verdict_outcome,
 )
-from assistant.metrics import CALIBRATION_BINS, DECISION_THRESHOLD, reliability_bins, roc_curve
+from assistant.metrics import CALIBRATION_BINS, reliability_bins, roc_curve
 from experts.fusion import fused_heatmap
 from experts.image import load_image
 
@@ -138,8 +139,7 @@ def plot_worst_cases(evaluation: Evaluation, path: Path) -> None:
         heatmap = fused_heatmap(analysis.evidence, shape)
         mask = analysis.verdict.mask if analysis.verdict.mask is not None else np.zeros(shape, bool)
         probability = record.scores[FUSED]
-        wrong = (probability >= DECISION_THRESHOLD) != record.item.positive
-        kind = ("false positive" if not record.item.positive else "false negative") if wrong else "correct"
+        kind = verdict_outcome(record)
         drivers = ", ".join(f"{d.expert} {d.score:.2f}" for d in analysis.verdict.drivers[:2]) or "no drivers"
         panels = [
             (f"{record.item.path}\n{record.item.label}: p={probability:.2f} ({kind})", None),

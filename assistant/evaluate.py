@@ -431,16 +431,28 @@ def summarize(records: Sequence[ImageRecord], names: Sequence[str]) -> dict[str,
 def verdict_counts(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
     """How the fused verdict labelled the authentic and the fake images: a label above the uncertain
     band on an authentic image is a false accusation."""
-    low, high = UNCERTAIN_BAND
     counts = {
         "negative": {"authentic": 0, "uncertain": 0, "accused": 0},
         "positive": {"authentic": 0, "uncertain": 0, "accused": 0},
     }
     for record in records:
-        probability = record.scores.get(FUSED) or 0.0
-        label = "authentic" if probability < low else "uncertain" if probability <= high else "accused"
-        counts["positive" if record.item.positive else "negative"][label] += 1
+        counts["positive" if record.item.positive else "negative"][verdict_band(record)] += 1
     return counts
+
+
+def verdict_band(record: ImageRecord) -> str:
+    """ "authentic", "uncertain" or "accused" (manipulated or AI-generated), from the fused probability."""
+    low, high = UNCERTAIN_BAND
+    probability = record.scores.get(FUSED) or 0.0
+    return "authentic" if probability < low else "uncertain" if probability <= high else "accused"
+
+
+def verdict_outcome(record: ImageRecord) -> str:
+    """How the fused verdict did on this image, in the words of verdict_line."""
+    band = verdict_band(record)
+    if record.item.positive:
+        return {"accused": "caught", "uncertain": "uncertain", "authentic": "missed"}[band]
+    return {"accused": "falsely accused", "uncertain": "uncertain", "authentic": "cleared"}[band]
 
 
 def verdict_line(counts: dict[str, dict[str, int]]) -> str:

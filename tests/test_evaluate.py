@@ -337,3 +337,21 @@ def test_flag_rates_count_each_class_at_the_threshold():
     assert metrics.flag_rate(labels, scores, positive=False) == 0.5
     assert metrics.flag_rate(labels, scores, positive=True) == 0.5
     assert np.isnan(metrics.flag_rate([1, 1], [0.2, 0.3], positive=False))
+
+
+def test_each_image_gets_the_verdicts_outcome_in_the_reports_words():
+    from assistant.evaluate import EvalItem, ImageRecord, verdict_counts, verdict_outcome
+
+    def record(label: str, probability: float) -> ImageRecord:
+        item = EvalItem("x.jpg", Path("x.jpg"), "casia1", label, "none", "test")
+        return ImageRecord(item, (8, 8), "JPEG", {"fused": probability}, {})
+
+    cases = [("authentic", 0.9), ("authentic", 0.5), ("authentic", 0.1)]
+    cases += [("manipulated", 0.9), ("manipulated", 0.65), ("manipulated", 0.2)]
+    records = [record(label, p) for label, p in cases]
+    outcomes = [verdict_outcome(r) for r in records]
+    assert outcomes == ["falsely accused", "uncertain", "cleared", "caught", "uncertain", "missed"]
+    assert verdict_counts(records) == {
+        "negative": {"authentic": 1, "uncertain": 1, "accused": 1},
+        "positive": {"authentic": 1, "uncertain": 1, "accused": 1},
+    }
