@@ -13,10 +13,11 @@ The same rule covers both classes: no class ever sees a resize or encoding the o
 
 Stages, each resumable from `out`: (1) augmented views -> frozen EfficientNet-Lite0 features and NPR
 patches (`views.pt`); (2) the NPR CNN, with periodic evaluation on val and checkpoints
-(`checkpoint.pt`); (3) the thumbnail network, fine-tuned on CIFAKE's thumbnails (checkpoint every epoch,
-`thumbnail_checkpoint.pt`); (4) the appearance MLP on the cached features; (5) the logistic
-combinations of the branch logits, fitted on val (two branches for photos, three for thumbnails); then
-the weights and model card go to experts/weights/.
+(`checkpoint.pt`); (3) the thumbnail networks, fine-tuned on CIFAKE's thumbnails and on thumbnails drawn
+from the training photos and faces (checkpoint every epoch, `thumbnail_checkpoint.pt`); (4) the
+appearance MLP on the cached features; (5) the logistic combinations of the branch logits, fitted on
+val (two branches for photos, three for thumbnails); then the weights and model card go to
+experts/weights/. With --keep-branches FILE, stages 2 and 4 and the photo combination come from FILE.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from experts.ai_generated import (
     canonical_view,
     enlarge_for_backbone,
     is_thumbnail,
+    load_trained,
     npr_patches,
     patch_tensor,
     thumbnail_logits,
@@ -86,6 +88,14 @@ class AIConfig(RecipeConfig):
     thumbnail_members: int = THUMBNAIL_MEMBERS  # networks trained alike from different draws, averaged
     thumbnail_batch: int = 32
     thumbnail_lr: float = 1e-3
+    # Thumbnails drawn from every training photo and face too (shrunk, area, to a random short side in
+    # thumbnail_side), not only CIFAKE's: trained on CIFAKE alone, the networks called 62% of CASIA v1
+    # val photos shrunk to 64 px AI-generated (`python -m benchmarks.thumbnails --split val`).
+    thumbnail_photos: bool = True
+    thumbnail_side: tuple[int, ...] = (24, 64)
+    # A weights file whose appearance and NPR branches and photo combination are kept as they are: only
+    # the thumbnail networks and their combination are trained (photos are judged exactly as before).
+    keep_branches: str = ""
     head_weight_decay: float = 1e-2
     feature_batch: int = 16
     alike_side: int = 384  # val/benchmark: ai_playground resized to this short side, JPEG 90, both classes
@@ -139,9 +149,11 @@ def face_view(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) ->
 
 
 def thumbnail_augment(rng: np.random.Generator, pixels: np.ndarray, config: AIConfig) -> np.ndarray:
-    """One training view of a thumbnail, alike for both classes: a random flip, a shift of up to 4 px
-    (reflected border, as in CIFAR training), JPEG at a random quality with p = config.p_jpeg, then
-    the thumbnail network's input view."""
+    """One training view of a thumbnail, alike for both classes: a photo shrunk (area) to a random short
+    side in config.thumbnail_side, a random flip, a shift of up to 4 px (reflected border, as in CIFAR
+    training), JPEG at a random quality with p = config.p_jpeg, then the thumbnail network's input view."""
+    if not is_thumbnail(pixels):
+        pixels = shrink_to(pixels, int(rng.integers(config.thumbnail_side[0], config.thumbnail_side[1] + 1)))
     height, width = pixels.shape[:2]
     padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)), mode="reflect")
     y, x = (int(v) for v in rng.integers(0, 9, 2))
@@ -395,24 +407,47 @@ def thumbnail_val_logits(network, val_views: list[np.ndarray | None]) -> torch.T
     return torch.tensor(logits)
 
 
-def training_thumbnails(config: AIConfig) -> list[tuple[np.ndarray, int]]:
-    small = [
-        (read_rgb(file), label) for file, label, domain, _ in training_sources(config) if domain == SMALL
-    ]
-    return [(pixels, label) for pixels, label in small if is_thumbnail(pixels)]
+THUMBNAIL_SOURCE_SIDE = 256  # photos are kept at most this large to draw thumbnails from
+
+
+def training_thumbnails(config: AIConfig) -> tuple[list[tuple[np.ndarray, int]], np.ndarray]:
+    """(pixels, label) of CIFAKE's training thumbnails and, with config.thumbnail_photos, of every
+    training photo and face (shrunk to a short side of at most THUMBNAIL_SOURCE_SIDE; thumbnail_augment
+    draws a thumbnail from it); and each one's chance of being drawn: CIFAKE half, photos and faces a
+    quarter each, the two classes alike within each."""
+    images, groups = [], []
+    for file, label, domain, _ in training_sources(config):
+        if domain != SMALL and not config.thumbnail_photos:
+            continue
+        pixels = read_rgb(file)
+        if domain == SMALL and not is_thumbnail(pixels):
+            continue
+        if min(pixels.shape[:2]) > THUMBNAIL_SOURCE_SIDE:
+            pixels = shrink_to(pixels, THUMBNAIL_SOURCE_SIDE)
+        images.append((pixels, label))
+        groups.append((domain, label))
+    share = {SMALL: 0.5, LARGE: 0.25, FACES: 0.25}
+    domains = {domain for domain, _ in groups}
+    chance = np.array(
+        [share[d] / sum(share[k] for k in domains) / 2 / groups.count((d, y)) for d, y in groups]
+    )
+    return images, chance / chance.sum()
 
 
 def train_thumbnail(
-    config: AIConfig, accelerator, views: dict, val_views: list, thumbnails: list, network, member: int
+    config: AIConfig, accelerator, views: dict, val_views: list, thumbnails: tuple, network, member: int
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Stage 3: one thumbnail network (blocks 2-6 and head of EfficientNet-Lite0) fine-tuned on the
-    training thumbnails (CIFAKE), a fixed number of epochs; val AUC is logged, not used to choose.
-    Members differ only in their random draws (initial classifier, order, augmentation)."""
+    training thumbnails (training_thumbnails: images and their chances), a fixed number of epochs of
+    twice CIFAKE's size, drawn by chance; val AUC (CIFAKE) is logged, not used to choose. Members differ
+    only in their random draws (initial classifier, order, augmentation)."""
+    images, chance = thumbnails
     for name, parameter in network.named_parameters():
         parameter.requires_grad = not name.startswith(THUMBNAIL_FROZEN)
     trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=config.thumbnail_lr, weight_decay=1e-4)
-    per_epoch = max(1, len(thumbnails) // config.thumbnail_batch)  # the last partial batch is dropped
+    cifake = int(sum(1 for pixels, _ in images if is_thumbnail(pixels)))
+    per_epoch = max(1, (2 if config.thumbnail_photos else 1) * cifake // config.thumbnail_batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, config.thumbnail_lr, total_steps=max(1, per_epoch * config.thumbnail_epochs)
     )
@@ -429,11 +464,11 @@ def train_thumbnail(
     labels = views["val_labels"].numpy()
     for epoch in tqdm(range(first, config.thumbnail_epochs), desc=f"thumbnail {member}", unit="epoch"):
         network.train()
-        order, loss = rng.permutation(len(thumbnails)), torch.zeros(())
+        order, loss = rng.choice(len(images), per_epoch * config.thumbnail_batch, p=chance), torch.zeros(())
         for start_index in range(0, per_epoch * config.thumbnail_batch, config.thumbnail_batch):
             chosen = order[start_index : start_index + config.thumbnail_batch]
-            batch = np.stack([thumbnail_augment(rng, thumbnails[i][0], config) for i in chosen])
-            target = torch.tensor([float(thumbnails[i][1]) for i in chosen], device=accelerator.device)
+            batch = np.stack([thumbnail_augment(rng, images[i][0], config) for i in chosen])
+            target = torch.tensor([float(images[i][1]) for i in chosen], device=accelerator.device)
             loss = functional.binary_cross_entropy_with_logits(thumbnail_logits(network, batch), target)
             optimiser.zero_grad()
             accelerator.backward(loss)
@@ -527,11 +562,13 @@ networks' stem and first two blocks: they load from the `efficientnet-lite0-pyto
   x - up(down(x)) (nearest, factor 2) of 64x64 patches in [-1, 1] (x4); up to 48 grid patches, mean logit.
 - **Thumbnails (short side at most 64 px):** `thumbnail.*`, EfficientNet-Lite0 with blocks 2-6, the
   head convolution and a one-logit classifier fine-tuned end to end (stored in float16) on CIFAKE's
-  32x32 training images, enlarged (cubic) to 128x128; each epoch a new view per image (flip, a shift of
-  up to 4 px, JPEG at a random quality with p = 0.9, alike for both classes); the last epoch is kept,
-  val AUC only logged. Three such networks (`thumbnail.members.0-2.*`), trained alike from different
-  random draws, average their logits. A frozen probe sees little in an image enlarged seven times;
-  photos never reach these networks.
+  32x32 training images and on thumbnails drawn from every training photo and face (area-shrunk to a
+  random short side in [24, 64]), enlarged (cubic) to 128x128; each epoch draws twice CIFAKE's count,
+  half from CIFAKE and a quarter each from the photos and the faces, the classes alike within each, each
+  draw a new view (flip, a shift of up to 4 px, JPEG at a random quality with p = 0.9, alike for both
+  classes); the last epoch is kept, val AUC (CIFAKE) only logged. Three such networks
+  (`thumbnail.members.0-2.*`), trained alike from different random draws, average their logits. A
+  frozen probe sees little in an image enlarged seven times; photos never reach these networks.
 - **Combination:** `combine.*`, logistic regression on the two logits, fitted on the val split (every
   val image, as before the thumbnail network existed, so photos are judged as they were);
   `thumbnail_combine.*`, the same on the three logits, fitted on the val thumbnails (CIFAKE) alone.
@@ -579,8 +616,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         views = build_views(config, models.backbone)
         torch.save(views, views_file)
-    npr_result = train_npr(config, accelerator, views, models)
-    models.npr = accelerator.unwrap_model(models.npr)
+    if config.keep_branches:
+        from safetensors.torch import load_file
+
+        load_trained(models, load_file(config.keep_branches))
+        models.thumbnail = ThumbnailEnsemble(config.thumbnail_members)  # trained afresh from ImageNet
+        npr_result = {"npr_best_step": None, "npr_history": [], "kept_from": config.keep_branches}
+    else:
+        npr_result = train_npr(config, accelerator, views, models)
+        models.npr = accelerator.unwrap_model(models.npr)
     val_views = thumbnail_val_views(config)
     thumbnails = training_thumbnails(config)
     if len(models.thumbnail.members) != config.thumbnail_members:
@@ -595,14 +639,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for value in models.thumbnail.state_dict().values():
             if value.is_floating_point():
                 value.copy_(value.half().float())
-    train_head(config, views, models)
+    if not config.keep_branches:
+        train_head(config, views, models)
     appearance, npr = head_val_logits(models.head, views), npr_val_logits(models.npr, views)
     thumbnail = thumbnail_val_logits(models.thumbnail, val_views)
     labels, sets = views["val_labels"], views["val_sets"]
     # Photos are combined as before the thumbnail network existed (fitted on every val image), so
     # they are judged as they were; thumbnails by a combination fitted on the val thumbnails alone.
     two, three = torch.stack([appearance, npr], dim=1), torch.stack([appearance, npr, thumbnail], dim=1)
-    models.combine = fit_combination(two, labels, sets)
+    if not config.keep_branches:
+        models.combine = fit_combination(two, labels, sets)
     small = ~torch.isnan(thumbnail)
     models.thumbnail_combine = fit_combination(
         three[small], labels[small], [s for s, keep in zip(sets, small.tolist(), strict=True) if keep]
