@@ -76,7 +76,7 @@ def _grid_aligned_crop(pixels: np.ndarray, max_side: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ErrorLevelAnalysis:
     name = "ela"
-    version = "2"  # 2: declines files saved below its lowest re-save quality
+    version = "3"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic
     description = (
         "Error level analysis: re-saves the image as JPEG and maps regions that re-compress with more "
         "error than the rest, a sign of a different compression history."
@@ -87,7 +87,6 @@ class ErrorLevelAnalysis:
     min_dip: float = 0.97  # error at the chosen quality must be this far below its neighbours' mean
     mask_outlier_z: float = 1.5  # robust z-score (in the normalised map) a region needs to be masked
     min_side: int = 32
-    min_grey_levels: int = 32
     max_map_pixels: int = 2_000_000
     # Logistic from the region's size-discounted missing history to score (see the module docstring).
     logistic_center: float = 0.6
@@ -110,7 +109,7 @@ class ErrorLevelAnalysis:
                 self.version,
             )
         pixels = np.ascontiguousarray(image.pixels)
-        if len(np.unique(pixels[::4, ::4, 1])) < self.min_grey_levels:
+        if image.graphic:
             return not_applicable(
                 self.name,
                 "The image has only a few distinct colours (a graphic or a black-and-white drawing), so "

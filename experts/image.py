@@ -26,6 +26,7 @@ from experts.base import ImageFacts, InvalidImageError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # the JPEG reader also opens MPO
 FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
+GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, not a photo
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP; raise with max_pixels= or FORENSICS_MAX_PIXELS
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted data
@@ -89,6 +90,15 @@ class LoadedImage:
         """Next to nothing in it (a flat colour, a blank page): the spread of its luma is under
         FEATURELESS_SPREAD grey levels. No pixel expert can examine such an image, so none may clear it."""
         return float(luma(self.pixels[::4, ::4]).std()) < FEATURELESS_SPREAD  # a sample: 50 MP stays cheap
+
+    @cached_property
+    def graphic(self) -> bool:
+        """Only a few distinct levels (under GRAPHIC_LEVELS in a sample of the green channel): a chart,
+        a logo or a black-and-white drawing, not a photograph. Experts that read a photo's texture or
+        compression traces decline such an image. The sample takes every 4th pixel each way, denser on
+        an image under 512 px (every pixel under 256), so a small photo is not mistaken for a graphic."""
+        step = max(1, min(4, min(self.height, self.width) // 128))
+        return len(np.unique(self.pixels[::step, ::step, 1])) < GRAPHIC_LEVELS
 
     @cached_property
     def display(self) -> np.ndarray:

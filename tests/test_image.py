@@ -275,3 +275,14 @@ def test_bad_arrays_and_types():
 def test_one_pixel_image_loads():
     image = load_image(encode(Image.fromarray(PIXELS[:1, :1]), "PNG"))
     assert (image.width, image.height) == (1, 1)
+
+
+def test_a_graphic_is_told_from_a_photo_even_when_small():
+    from skimage import data
+
+    drawing = np.where(data.horse()[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    assert load_image(drawing).graphic
+    # small photos, sampled densely enough to show their many levels (every 4th pixel of this 32 px
+    # patch of sky holds only 30 of its 57 green levels)
+    for photo in (data.rocket()[50:82, 50:82], data.astronaut()[100:400, 150:450]):
+        assert not load_image(np.ascontiguousarray(photo)).graphic

@@ -93,6 +93,14 @@ def test_a_thumbnail_is_left_to_the_experts_made_for_it():
     assert ManipulationLocaliser().analyze(load_image(np.resize(thumbnail, (65, 96, 3)))).applicable
 
 
+def test_a_graphic_is_not_judged_by_a_network_trained_on_photos():
+    chart = np.full((300, 400, 3), 255, np.uint8)
+    chart[100:280, 50:120] = (30, 90, 200)  # bars of a chart: a handful of colours
+    chart[180:280, 200:270] = (220, 120, 30)
+    evidence = ManipulationLocaliser().analyze(load_image(chart))
+    assert not evidence.applicable and "graphics" in evidence.summary
+
+
 def test_missing_weights_make_it_not_applicable(monkeypatch, pristine):
     def missing():
         raise ModelNotAvailableError("experts/weights/manipulation.safetensors is missing")
