@@ -36,16 +36,16 @@ PRISTINE = ("kodak", "exif_samples", "skimage_data")
 ALIKE_SIDE, ALIKE_QUALITY = 384, 90
 
 
-def resized_alike(path: Path) -> bytes:
+def resized_alike(path: Path, side: int = ALIKE_SIDE, quality: int = ALIKE_QUALITY) -> bytes:
+    """The image area-resized to this short side, as a JPEG at this quality (both classes alike)."""
     with Image.open(path) as opened:
         pixels = np.asarray(opened.convert("RGB"))
     height, width = pixels.shape[:2]
-    scale = ALIKE_SIDE / min(height, width)
+    scale = side / min(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     buffer = io.BytesIO()
-    Image.fromarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)).save(
-        buffer, "JPEG", quality=ALIKE_QUALITY
-    )
+    resized = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    Image.fromarray(resized).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
 
 

@@ -6,23 +6,21 @@ An image with a short side of at most 64 px is a thumbnail (experts.fusion.THUMB
 editing experts see little in it and the AI-image detector judges it with networks trained for
 thumbnails. CIFAKE's are 32x32; this asks how they fare on other small images. Every image of CASIA v1
 (authentic only: its forgeries are edits, not generated), faces_real, faces_stylegan and ai_playground
-is shrunk (area) to each short side and saved as JPEG 90, both classes alike. Reported per side: the
-detector's rate of scores >= 0.5 on real and on generated images, its AUC, and the fused verdicts
-(real: accused / uncertain / cleared; generated: caught / uncertain / missed).
+is shrunk (area) to each short side and saved as JPEG 90, both classes alike (resized_alike).
+Reported per side: the detector's rate of scores >= 0.5 on real and on generated images, its AUC, and
+the fused verdicts (real: accused / uncertain / cleared; generated: caught / uncertain / missed).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 
-import cv2
 import numpy as np
-from PIL import Image
 
 from assistant.analysis import analyze
 from assistant.evaluate import default_manifest, read_manifest
 from assistant.metrics import roc_auc
+from benchmarks.ai_images import resized_alike
 from experts import load_image
 from experts.ai_generated import AIGeneratedImage
 
@@ -32,19 +30,6 @@ EXPERTS = [  # the README's evaluation: every expert but the segmenter, which th
     *("watermark", "manipulation", "ai_generated", "faces"),
 ]
 QUALITY = 90
-
-
-def shrunk(path, side: int) -> bytes:
-    """The image area-shrunk to this short side, as a JPEG at QUALITY."""
-    with Image.open(path) as opened:
-        pixels = np.asarray(opened.convert("RGB"))
-    height, width = pixels.shape[:2]
-    scale = side / min(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    buffer = io.BytesIO()
-    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-    Image.fromarray(small).save(buffer, "JPEG", quality=QUALITY)
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -71,7 +56,7 @@ def main() -> None:
     for side in (int(s) for s in args.sides.split(",")):
         labels, scores, verdicts = [], [], {True: [0, 0, 0], False: [0, 0, 0]}
         for item in items:
-            image = load_image(shrunk(item.file, side), name=item.path)
+            image = load_image(resized_alike(item.file, side, QUALITY), name=item.path)
             labels.append(item.positive)
             scores.append(float(detector.analyze(image).score or 0.0))
             if not args.no_fused:
