@@ -304,17 +304,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray 
     return float(np.clip(float(log_t.detach().exp()), 0.2, 20.0))
 
 
-def balance(records: Sequence[dict], mode: str = "equal", mix: dict | None = None) -> np.ndarray:
+def balance(records: Sequence[dict], mode: str = "equal", factors: np.ndarray | None = None) -> np.ndarray:
     """Sample weights, mean 1. "equal": every (dataset, class) gets the same total weight, so the small
     face and AI-image sets count as much as CASIA; "sqrt": a total weight proportional to the square
-    root of its size; "none": every record alike. Inside a (dataset, class), `mix_weights`."""
+    root of its size; "none": every record alike. Inside a (dataset, class), each record by its factor
+    (mix_weights), when given."""
     keys = [(r["dataset"], r["positive"]) for r in records]
     counts = {key: keys.count(key) for key in set(keys)}
     exponents = {"equal": 0.0, "sqrt": 0.5, "none": 1.0}
     if mode not in exponents:
         raise ValueError(f"balance is one of {', '.join(exponents)}, not {mode!r}")
     exponent = exponents[mode]
-    weights = np.array([counts[key] ** exponent / counts[key] for key in keys]) * mix_weights(records, mix)
+    weights = np.array([counts[key] ** exponent / counts[key] for key in keys])
+    if factors is not None:
+        weights = weights * factors
     return weights * len(records) / weights.sum()
 
 
@@ -401,11 +404,12 @@ def mean_pixel_f1(
 
 
 def fit_image_model(
-    config: FusionConfig, records: list[dict], experts: list[str], mix: dict | None = None
+    config: FusionConfig, records: list[dict], experts: list[str], factors: np.ndarray | None = None
 ) -> tuple[ImageModel, np.ndarray]:
-    """The image model for one kind of image, and its out-of-fold logits (before the temperature)."""
+    """The image model for one kind of image, and its out-of-fold logits (before the temperature);
+    `factors` weigh the records within their (dataset, class) (mix_weights)."""
     features, labels = image_features(records, experts)
-    weights = balance(records, config.balance, mix)
+    weights = balance(records, config.balance, factors)
     k = len(experts)
     nonnegative = slice(k, 2 * k)
     fixed = {
@@ -430,7 +434,7 @@ def fit_image_model(
             fixed,
         )
         out_of_fold[held] = features[held] @ coefficients + bias
-    temperature = fit_temperature(out_of_fold, labels, mix_weights(records, mix))
+    temperature = fit_temperature(out_of_fold, labels, factors)
     coefficients, bias = fit_logistic(
         features, labels, nonnegative, config.l2, weights, config.presence_bound, fixed
     )
@@ -475,14 +479,13 @@ def fit(config: FusionConfig, records: list[dict]) -> tuple[FusionModel, dict]:
     if config.mix not in ("train", "val"):
         raise ValueError(f"mix is train or val, not {config.mix!r}")
     train_mix = mix_weights(records, manipulation_mix(config.datasets))  # what the figures assume
-    mix = manipulation_mix(config.datasets) if config.mix == "train" else None
-    factors = mix_weights(records, mix)
+    factors = train_mix if config.mix == "train" else np.ones(len(records))
     contexts = kinds if config.by_context else np.full(len(records), PHOTO)
     image_models, logits = {}, np.zeros(len(records))
     for context in sorted(set(contexts)):
         rows = np.flatnonzero(contexts == context)
         image_models[context], logits[rows] = fit_image_model(
-            config, [records[i] for i in rows], experts, mix
+            config, [records[i] for i in rows], experts, factors[rows]
         )
     if config.temperature_by_context and not config.by_context:
         image_models = temperature_per_kind(image_models[PHOTO], logits, labels, kinds, factors)

@@ -286,7 +286,7 @@ def test_val_is_reweighed_to_the_train_splits_mix_of_manipulations():
     assert mix_weights(records, None) == pytest.approx(np.ones(6))
     unknown = {("casia1", True): {"copy_move": 50}}  # splicing not in the mix: taken as it comes
     assert mix_weights(records, unknown) == pytest.approx(np.ones(6))
-    weights = balance(records, "equal", mix)
+    weights = balance(records, "equal", factors)
     assert weights[:4].sum() == pytest.approx(weights[4:].sum())
     assert weights[3] == pytest.approx(3 * weights[0])
 
