@@ -125,3 +125,20 @@ def test_a_long_thin_strip_is_cut_to_its_middle_before_it_is_enlarged():
     assert thumbnail_view(strip).shape == (128, 128, 3)
     photo = np.zeros((100, 700, 3), np.uint8)  # within MAX_ASPECT: enlarged whole, as in training
     assert enlarge_for_backbone(photo).shape == (BACKBONE_SIZE, 1568, 3)
+
+
+def test_a_thumbnail_is_judged_alike_as_stored_and_mirrored(expert, shared_data):
+    """The thumbnail branches see both orientations; a mirrored thumbnail gets the same score and a
+    mirrored heatmap (a photo, seen once, need not)."""
+    pixels = load_image(cifake_test(shared_data, "ai_generated")[1].file).pixels
+    stored = expert.analyze(load_image(pixels))
+    mirror = expert.analyze(load_image(np.ascontiguousarray(pixels[:, ::-1])))
+    assert stored.score == pytest.approx(mirror.score, abs=1e-4)
+    assert np.allclose(stored.heatmap, mirror.heatmap[:, ::-1], atol=1e-4)
+    wide = np.random.default_rng(1).integers(0, 256, (48, 200, 3), dtype=np.uint8)
+    stored, mirror = (
+        expert.analyze(load_image(wide)),
+        expert.analyze(load_image(np.ascontiguousarray(wide[:, ::-1]))),
+    )
+    assert stored.score == pytest.approx(mirror.score, abs=1e-4)
+    assert np.allclose(stored.heatmap, mirror.heatmap[:, ::-1], atol=1e-4)
