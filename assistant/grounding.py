@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experts.base import Evidence, Verdict
+from experts.fusion import HEAVY_COMPRESSION_RULE
 from experts.registry import available_experts
 
 # Experts whose summaries and details carry text read from the file (EXIF, XMP, PNG chunks, C2PA
@@ -437,8 +438,22 @@ HELD_CAVEAT = (
 )
 
 
+# The caveats of a verdict on a JPEG saved at so low a quality that the fusion makes no accusation
+# (its heavy-compression rule).
+COMPRESSION_CAVEATS = {
+    "authentic": "A clean result says little here: the file was saved as a JPEG of very low quality, "
+    "and compression that heavy erases most of the traces the experts look for.",
+    "uncertain": "The evidence is weak either way: the file was saved as a JPEG of very low quality, "
+    "whose block artefacts swamp the traces the experts look for, so no accusation rests on them; "
+    "treat this result as uncertain.",
+}
+
+
 def caveat_of(verdict: Verdict) -> str:
-    """The closing caveat of a verdict: its label's, or why a high AI-image score left it uncertain."""
+    """The closing caveat of a verdict: its label's, or why a fusion rule (a lone AI-image score, heavy
+    compression) left it as it is."""
+    if verdict.rule == HEAVY_COMPRESSION_RULE and verdict.label in COMPRESSION_CAVEATS:
+        return COMPRESSION_CAVEATS[verdict.label]
     if verdict.label == "uncertain" and any(d.held for d in verdict.drivers):
         return HELD_CAVEAT
     return CAVEATS[verdict.label]

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from assistant.grounding import caveat_of
 from experts.base import Analysis, Driver, Evidence
 from experts.image import LoadedImage, orient
 
@@ -68,8 +69,8 @@ def versions() -> dict[str, str]:
 
 
 def driver_record(driver: Driver) -> dict:
-    """One driver of the verdict as in the report contract ("held": cut by the fusion's lone-detector
-    rule, experts/fusion.py)."""
+    """One driver of the verdict as in the report contract ("held": cut by the fusion rule that the
+    verdict's "rule" names, experts/fusion.py)."""
     return {
         "expert": driver.expert,
         "score": driver.score,
@@ -97,6 +98,8 @@ def report_dict(analysis: Analysis, image: LoadedImage, files: dict[str, Any] | 
             "label": verdict.label,
             "probability": verdict.probability,
             "uncertain_band": list(verdict.uncertain_band),
+            "rule": verdict.rule,
+            "caveat": caveat_of(verdict),
             "drivers": [driver_record(d) for d in verdict.drivers],
             "mask": files.get("mask"),
             "where": where_phrases(verdict.mask, image.orientation),
@@ -216,6 +219,7 @@ img{{max-width:100%}}</style></head><body>
 <p><span class="badge {esc(verdict["label"])}">{esc(verdict["label"])}</span>
 P(not authentic) = {verdict["probability"]:.2f} (uncertain between {verdict["uncertain_band"][0]:.2f}
 and {verdict["uncertain_band"][1]:.2f}) · where: {esc(where)}</p>
+<p>{esc(verdict["caveat"])}</p>
 <img src="{_inline(out_dir / "overlay.png")}" alt="overlay of the fused mask">
 {f"<ul>{notes}</ul>" if notes else ""}
 <h2>Evidence</h2>

@@ -102,7 +102,7 @@ class Driver:
     score: float
     weight: float
     contribution: float = 0.0
-    held: bool = False  # cut by the fusion's lone-detector rule (experts/fusion.py)
+    held: bool = False  # cut by a rule of the fusion (Verdict.rule, experts/fusion.py)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +115,9 @@ class Verdict:
     drivers: tuple[Driver, ...]
     mask: np.ndarray | None
     uncertain_band: tuple[float, float]
+    # The fusion's rule that bounded the verdict, if any: "lone_detector" (the AI-image detector's word
+    # alone held on a photo), "heavy_compression" (a JPEG saved below quality 10: no accusation).
+    rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:

@@ -135,6 +135,32 @@ def test_intact_provenance_lowers_suspicion_but_cannot_erase_strong_evidence():
     assert tampered.probability > 0.65
 
 
+def test_a_heavily_compressed_jpeg_is_not_accused_on_its_artefacts():
+    """Below quality 10 (the jpeg expert's estimate) block artefacts swamp every detector's traces: the
+    evidence against stops at the band's upper edge, together, and the verdict names the rule. At 10
+    the evidence counts as fitted; tampered provenance still accuses; a clean result stays clean."""
+    from experts.fusion import HEAVY_COMPRESSION_BELOW, HEAVY_COMPRESSION_RULE
+
+    def saved_at(quality: int) -> Evidence:
+        return evidence("jpeg", 0.0, last_quality_estimate=quality)
+
+    strong = [evidence("copy_move", 1.0), evidence("ela", 1.0), evidence("noise", 0.0)]
+    heavy = fuse([*strong, saved_at(HEAVY_COMPRESSION_BELOW - 1)], SHAPE, MODEL)
+    assert heavy.label == "uncertain" and heavy.rule == HEAVY_COMPRESSION_RULE
+    assert MODEL.uncertain_band[1] - 0.01 < heavy.probability <= MODEL.uncertain_band[1]
+    held = {d.expert: d for d in heavy.drivers}
+    assert held["copy_move"].held and held["ela"].held and not held["noise"].held
+    assert held["copy_move"].contribution > held["ela"].contribution > 0  # scaled alike, order kept
+    plain = fuse([*strong, saved_at(HEAVY_COMPRESSION_BELOW)], SHAPE, MODEL)
+    assert plain.label == "manipulated" and plain.rule is None and not any(d.held for d in plain.drivers)
+    clean = fuse([evidence("ela", 0.0), evidence("noise", 0.0), saved_at(5)], SHAPE, MODEL)
+    assert clean.label == "authentic" and clean.rule == HEAVY_COMPRESSION_RULE
+    tampered = fuse(
+        [evidence("ela", 0.0), evidence("noise", 0.0), evidence("watermark", 0.9), saved_at(5)], SHAPE, MODEL
+    )
+    assert tampered.label == "manipulated"
+
+
 def test_model_round_trips_through_tensors():
     tensors, metadata = MODEL.to_tensors()
     again = FusionModel.from_tensors(tensors, metadata, "fitted")

@@ -202,3 +202,30 @@ def test_an_ai_score_held_by_the_fusion_gets_its_own_caveat() -> None:
     assert guide("image_1 is uncertain.\nThe evidence") == HELD_CAVEAT.removeprefix("The evidence")
     text = compose_answer(held, [detector], [], "Is it AI-generated?", image_id="image_1")
     assert HELD_CAVEAT in text and check_answer(text, held, [detector], [], require_verdict=True) == []
+
+
+def test_a_verdict_on_a_heavily_compressed_file_says_why_it_is_weak() -> None:
+    """The fusion's heavy-compression rule: an uncertain verdict says no accusation rests on the
+    artefacts, a clean one that it says little; a manipulated one (tampered provenance) keeps its own."""
+    from assistant.grounding import COMPRESSION_CAVEATS, caveat_of, compose_answer
+    from experts.fusion import HEAVY_COMPRESSION_RULE
+
+    band = (0.35, 0.65)
+    drivers = (Driver("manipulation", 0.91, 3.1, 1.44, held=True),)
+    held = Verdict("uncertain", 0.65, drivers, None, band, HEAVY_COMPRESSION_RULE)
+    clean = Verdict("authentic", 0.2, (), None, band, HEAVY_COMPRESSION_RULE)
+    tampered = Verdict("manipulated", 0.9, (), None, band, HEAVY_COMPRESSION_RULE)
+    assert caveat_of(held) == COMPRESSION_CAVEATS["uncertain"]
+    assert (
+        caveat_of(clean) == COMPRESSION_CAVEATS["authentic"] and caveat_of(tampered) == CAVEATS["manipulated"]
+    )
+    localiser = Evidence(
+        "manipulation", 0.91, True, "A network trained on edited photos marks 7% of the image."
+    )
+    guide = AnswerGuide({"image_1": held}, [localiser])
+    assert guide("image_1 is uncertain.\nThe evidence") == COMPRESSION_CAVEATS["uncertain"].removeprefix(
+        "The evidence"
+    )
+    text = compose_answer(held, [localiser], [], "Is this fake?", image_id="image_1")
+    assert COMPRESSION_CAVEATS["uncertain"] in text
+    assert check_answer(text, held, [localiser], [], require_verdict=True) == []

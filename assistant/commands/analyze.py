@@ -243,6 +243,8 @@ def _summary_table(report: dict, folder: Path | None) -> str:
     ]
     if verdict["where"]:
         lines.append(f"  where: {'; '.join(verdict['where'])}")
+    if verdict["rule"]:
+        lines.append(f"  why: {verdict['caveat']}")
     lines.extend(f"  note: {note}" for note in report["image"]["notes"])
     for item in report["evidence"]:
         score = " n/a" if item["score"] is None else f"{item['score']:.2f}"
