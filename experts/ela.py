@@ -76,7 +76,8 @@ def _grid_aligned_crop(pixels: np.ndarray, max_side: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ErrorLevelAnalysis:
     name = "ela"
-    version = "3"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic
+    version = "4"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic;
+    # 4: a graphic is also one of a few flat colours with antialiased edges
     description = (
         "Error level analysis: re-saves the image as JPEG and maps regions that re-compress with more "
         "error than the rest, a sign of a different compression history."
@@ -112,8 +113,8 @@ class ErrorLevelAnalysis:
         if image.graphic:
             return not_applicable(
                 self.name,
-                "The image has only a few distinct colours (a graphic or a black-and-white drawing), so "
-                "error level analysis cannot tell compression history from flat areas.",
+                "The image is made of a few flat colours (a graphic or a drawing), so error level "
+                "analysis cannot tell compression history from flat areas.",
                 self.version,
             )
         luma_table = image.quantization.get(0)

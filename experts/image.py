@@ -27,6 +27,10 @@ from experts.base import ImageFacts, InvalidImageError
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # the JPEG reader also opens MPO
 FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
 GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, not a photo
+# ... or the share of its pixels that its GRAPHIC_COLOURS most frequent exact colours cover, at or above
+# which it is: an antialiased chart or silhouette has hundreds of levels along its edges, but 98-99% of
+# its pixels in a few flat colours; no photo of ../shared/data passes 0.83 (a grey moon).
+GRAPHIC_COLOURS, GRAPHIC_COVERAGE = 16, 0.95
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP; raise with max_pixels= or FORENSICS_MAX_PIXELS
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted data
@@ -93,12 +97,20 @@ class LoadedImage:
 
     @cached_property
     def graphic(self) -> bool:
-        """Only a few distinct levels (under GRAPHIC_LEVELS in a sample of the green channel): a chart,
-        a logo or a black-and-white drawing, not a photograph. Experts that read a photo's texture or
-        compression traces decline such an image. The sample takes every 4th pixel each way, denser on
-        an image under 512 px (every pixel under 256), so a small photo is not mistaken for a graphic."""
+        """A chart, a logo or a drawing, not a photograph: under GRAPHIC_LEVELS distinct green levels,
+        or GRAPHIC_COLOURS exact colours covering GRAPHIC_COVERAGE of the pixels (flat fills with
+        antialiased edges). Experts that read a photo's texture or compression traces decline such an
+        image. The sample takes every 4th pixel each way, denser on an image under 512 px (every pixel
+        under 256), so a small photo is not mistaken for a graphic."""
         step = max(1, min(4, min(self.height, self.width) // 128))
-        return len(np.unique(self.pixels[::step, ::step, 1])) < GRAPHIC_LEVELS
+        sample = self.pixels[::step, ::step]
+        if len(np.unique(sample[..., 1])) < GRAPHIC_LEVELS:
+            return True
+        packed = (
+            (sample[..., 0].astype(np.int32) << 16) | (sample[..., 1].astype(np.int32) << 8) | sample[..., 2]
+        )
+        counts = np.unique(packed, return_counts=True)[1]
+        return float(np.sort(counts)[-GRAPHIC_COLOURS:].sum()) >= GRAPHIC_COVERAGE * packed.size
 
     @cached_property
     def display(self) -> np.ndarray:

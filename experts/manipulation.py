@@ -273,8 +273,8 @@ def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]
 class ManipulationLocaliser:
     name = "manipulation"
     # 2: works at 384 px (was 512); 3: the summary states the score once; 4: no thumbnails; 5: declines a
-    # featureless image; 6: declines a graphic
-    version = "6"
+    # featureless image; 6: declines a graphic; 7: also one of a few flat colours with antialiased edges
+    version = "7"
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
         "retouched regions, that maps where the photo was edited and scores how likely an edit is."
@@ -315,8 +315,8 @@ class ManipulationLocaliser:
         if image.graphic:
             return not_applicable(
                 self.name,
-                "The image has only a few distinct colours (a chart, a logo or a black-and-white drawing): "
-                "the learned manipulation localiser was trained on photographs and does not judge graphics.",
+                "The image is made of a few flat colours (a chart, a logo or a drawing): the learned "
+                "manipulation localiser was trained on photographs and does not judge graphics.",
                 self.version,
             )
         try:

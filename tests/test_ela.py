@@ -84,7 +84,7 @@ def test_graphic_with_few_colours_is_not_applicable(expert):
     pixels[50:150, 100:200] = 255
     evidence = expert.analyze(load_image(png_bytes(pixels)))
     assert not evidence.applicable
-    assert "few distinct colours" in evidence.summary
+    assert "few flat colours" in evidence.summary
 
 
 def test_grayscale_and_odd_sized_images_work(expert):

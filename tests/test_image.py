@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
@@ -286,3 +287,21 @@ def test_a_graphic_is_told_from_a_photo_even_when_small():
     # patch of sky holds only 30 of its 57 green levels)
     for photo in (data.rocket()[50:82, 50:82], data.astronaut()[100:400, 150:450]):
         assert not load_image(np.ascontiguousarray(photo)).graphic
+
+
+def test_an_antialiased_graphic_is_a_graphic_and_a_grey_photo_is_not():
+    """Shrunk, a silhouette or a chart has hundreds of levels along its edges but nearly every pixel
+    in a few flat colours; a low-contrast grey photo (the moon) has few levels in use, but spread."""
+    from skimage import data
+
+    silhouette = np.where(data.horse()[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    shrunk = cv2.resize(silhouette, (157, 129), interpolation=cv2.INTER_AREA)
+    chart = np.full((500, 800, 3), 255, np.uint8)
+    for i, height in enumerate((150, 250, 210, 350)):
+        cv2.rectangle(chart, (80 + 160 * i, 450 - height), (180 + 160 * i, 450), (31, 119, 180), -1)
+    cv2.putText(chart, "sales 2026", (300, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2, cv2.LINE_AA)
+    chart = cv2.resize(cv2.resize(chart, (1600, 1000)), (800, 500), interpolation=cv2.INTER_AREA)
+    for graphic in (shrunk, chart):
+        assert len(np.unique(graphic[..., 1])) >= 32 and load_image(graphic).graphic
+    for photo in (data.moon(), data.camera(), data.coffee()):
+        assert not load_image(photo).graphic
