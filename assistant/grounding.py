@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experts.base import Evidence, Verdict
-from experts.fusion import HEAVY_COMPRESSION_RULE
+from experts.fusion import GRAPHIC_RULE, HEAVY_COMPRESSION_RULE
 from experts.registry import available_experts
 
 # Experts whose summaries and details carry text read from the file (EXIF, XMP, PNG chunks, C2PA
@@ -449,11 +449,21 @@ COMPRESSION_CAVEATS = {
 }
 
 
+# The caveat of a graphic's verdict that the fusion would have cleared (its graphic rule).
+GRAPHIC_CAVEAT = (
+    "The evidence is weak either way: this is a graphic or a screenshot, not a photograph, so the experts "
+    "that read a photo's traces could not examine it, and its text or figures can be made up without "
+    "leaving any; treat this result as uncertain."
+)
+
+
 def caveat_of(verdict: Verdict) -> str:
     """The closing caveat of a verdict: its label's, or why a fusion rule (a lone AI-image score, heavy
-    compression) left it as it is."""
+    compression, a graphic) left it as it is."""
     if verdict.rule == HEAVY_COMPRESSION_RULE and verdict.label in COMPRESSION_CAVEATS:
         return COMPRESSION_CAVEATS[verdict.label]
+    if verdict.rule == GRAPHIC_RULE and verdict.label == "uncertain":
+        return GRAPHIC_CAVEAT
     if verdict.label == "uncertain" and any(d.held for d in verdict.drivers):
         return HELD_CAVEAT
     return CAVEATS[verdict.label]

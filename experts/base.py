@@ -116,7 +116,8 @@ class Verdict:
     mask: np.ndarray | None
     uncertain_band: tuple[float, float]
     # The fusion's rule that bounded the verdict, if any: "lone_detector" (the AI-image detector's word
-    # alone held on a photo), "heavy_compression" (a JPEG saved below quality 10: no accusation).
+    # alone held on a photo), "heavy_compression" (a JPEG saved below quality 10: no accusation),
+    # "graphic" (a chart, a drawing, a screenshot of text: not cleared).
     rule: str | None = None
 
     def __post_init__(self) -> None:
@@ -168,6 +169,18 @@ def not_applicable(expert: str, reason: str, version: str = "1", **details: Any)
     """Evidence for an expert that has nothing to say about this image."""
     return Evidence(
         expert=expert, score=None, applicable=False, summary=reason, details=details, version=version
+    )
+
+
+def graphic_declined(expert: str, version: str, why: str) -> Evidence:
+    """An expert's answer on a graphic (LoadedImage.graphic: a chart, a logo, a drawing, a screenshot of
+    text), which it does not judge, for the reason `why`; details["graphic"] tells the fusion."""
+    return not_applicable(
+        expert,
+        "The image is made of a few flat colours or is text on a plain background (a chart, a logo, a "
+        f"drawing or a screenshot): {why}",
+        version,
+        graphic=True,
     )
 
 

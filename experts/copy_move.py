@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 
-from experts.base import Evidence, Region, not_applicable, nothing_to_examine
+from experts.base import Evidence, Region, graphic_declined, not_applicable, nothing_to_examine
 from experts.image import LoadedImage
 from experts.maps import resize_map, working_copy
 
@@ -73,7 +73,7 @@ class _Duplication:
 @dataclass(frozen=True)
 class CopyMove:
     name = "copy_move"
-    version = "2"  # 2: declines a featureless image
+    version = "3"  # 2: declines a featureless image; 3: declines a graphic
     description = (
         "Copy-move detection: finds a region duplicated within the same image (SIFT keypoints with "
         "RANSAC, DCT block matching, pixel-level check) and marks both copies."
@@ -95,6 +95,13 @@ class CopyMove:
             )
         if image.featureless:
             return nothing_to_examine(self.name, self.version)
+        if image.graphic:
+            return graphic_declined(
+                self.name,
+                self.version,
+                "such images repeat their letters, icons and shapes exactly, so a region found twice says "
+                "nothing of copying.",
+            )
         pixels, keypoint_scale = working_copy(image.pixels, self.keypoint_pixels)
         keypoint_luma = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)  # BT.601 luma
         small, small_scale = working_copy(keypoint_luma, self.analysis_pixels)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from experts.base import Evidence, ExpertError, not_applicable
+from experts.base import Evidence, ExpertError, graphic_declined, not_applicable
 from experts.image import LoadedImage
 from experts.jpeg_tables import nearest_quality_absolute
 from experts.maps import mask_from_heatmap, ratio_phrase, regions_from_mask, resize_map, working_copy
@@ -77,7 +77,7 @@ def _grid_aligned_crop(pixels: np.ndarray, max_side: int) -> np.ndarray:
 class ErrorLevelAnalysis:
     name = "ela"
     version = "4"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic;
-    # 4: a graphic is also one of a few flat colours with antialiased edges
+    # 4: a graphic is also a few flat colours with antialiased edges, or text on a plain background
     description = (
         "Error level analysis: re-saves the image as JPEG and maps regions that re-compress with more "
         "error than the rest, a sign of a different compression history."
@@ -111,12 +111,8 @@ class ErrorLevelAnalysis:
             )
         pixels = np.ascontiguousarray(image.pixels)
         if image.graphic:
-            return not_applicable(
-                self.name,
-                "The image is made of a few flat colours (a graphic or a drawing), so error level "
-                "analysis cannot tell compression history from flat areas.",
-                self.version,
-            )
+            why = "error level analysis cannot tell compression history from flat areas."
+            return graphic_declined(self.name, self.version, why)
         luma_table = image.quantization.get(0)
         file_quality = nearest_quality_absolute(luma_table) if luma_table is not None else 100
         if file_quality - 3 < min(self.qualities):

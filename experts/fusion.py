@@ -36,7 +36,10 @@ when the evidence against is mostly its own and no second expert points to synth
 contribution stops at the uncertain band's upper edge. (Beside editing evidence that outweighs it, it
 still counts as fitted.) A JPEG last saved below HEAVY_COMPRESSION_BELOW is compressed so hard that its
 block artefacts swamp every detector's traces: there all evidence against but provenance stops at that
-edge together, and the verdict names the rule (Verdict.rule) so the answer can say why.
+edge together, and the verdict names the rule (Verdict.rule) so the answer can say why. Nothing clears
+a graphic (a chart, a logo, a drawing, a screenshot of text; an expert that declines one says so in its
+details): the photo experts cannot examine it and its content can be made up without a trace, so
+where the evidence would clear it, it is "uncertain" at the band's lower edge.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ CORROBORATION_SCORE = 0.5
 # 5%); at 10 to 20: 1 or 2 (experts/weights/fusion.md, "Heavy compression").
 HEAVY_COMPRESSION_BELOW = 10
 COMPRESSION_WITNESS = "jpeg"
-LONE_DETECTOR_RULE, HEAVY_COMPRESSION_RULE = "lone_detector", "heavy_compression"
+LONE_DETECTOR_RULE, HEAVY_COMPRESSION_RULE, GRAPHIC_RULE = "lone_detector", "heavy_compression", "graphic"
 
 # Provenance in log-odds: tampered or forged provenance prosecutes; intact provenance defends, by at
 # most half of the evidence against when there is some.
@@ -286,6 +289,8 @@ def fuse(
     if len(examined) < MIN_EXPERTS_TO_CLEAR and probability <= high:
         # Too little could be measured (e.g. a 1x1 image) to clear or accuse: no evidence either way.
         return Verdict("uncertain", 0.5, tuple(drivers), None, band, rule)
+    if probability < low and any(e.details.get("graphic") for e in evidence):
+        probability, rule = low, GRAPHIC_RULE  # not cleared: see the module docstring
     if probability < low:
         label = "authentic"
     elif probability <= high:

@@ -31,6 +31,12 @@ GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, 
 # which it is: an antialiased chart or silhouette has hundreds of levels along its edges, but 98-99% of
 # its pixels in a few flat colours; no photo of ../shared/data passes 0.83 (a grey moon).
 GRAPHIC_COLOURS, GRAPHIC_COVERAGE = 16, 0.95
+# ... or text on a plain background (a screenshot of a post or an article): at least TEXT_BACKGROUND of
+# the pixels within 2 levels of the commonest colour, and at least TEXT_ON_BLEND of the others within 24
+# levels of a blend of it with the ink (antialiasing mixes the two). Screenshots of text: 0.73-0.91 and
+# 1.00; photos of ../shared/data: at most 0.67 (a product shot on white, 0.82 on a blend) or, on a blend
+# (grey photos), at most 0.39.
+TEXT_BACKGROUND, TEXT_ON_BLEND = 0.5, 0.9
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP; raise with max_pixels= or FORENSICS_MAX_PIXELS
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted data
@@ -38,6 +44,30 @@ MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted d
 _PIL_LIMIT_LOCK = threading.Lock()
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
+
+
+def is_graphic(rgb: np.ndarray) -> bool:
+    """Whether (n, 3) uint8 pixels are a graphic rather than a photo: few green levels, a few flat
+    colours covering nearly all of it, or text on a plain background (the constants above)."""
+    if len(np.unique(rgb[:, 1])) < GRAPHIC_LEVELS:
+        return True
+    wide = rgb.astype(np.int32)
+    values, counts = np.unique((wide[:, 0] << 16) | (wide[:, 1] << 8) | wide[:, 2], return_counts=True)
+    if float(np.sort(counts)[-GRAPHIC_COLOURS:].sum()) >= GRAPHIC_COVERAGE * len(rgb):
+        return True
+    commonest = values[np.argmax(counts)]
+    background = np.array([commonest >> 16, (commonest >> 8) & 255, commonest & 255], np.float32)
+    offset = wide.astype(np.float32) - background
+    plain = np.abs(offset).max(axis=1) <= 2
+    if plain.mean() < TEXT_BACKGROUND or plain.all():
+        return False
+    rest = offset[~plain]
+    distance = np.abs(rest).max(axis=1)
+    ink = rest[distance >= np.quantile(distance, 0.9)].mean(axis=0)  # the tenth farthest from the background
+    length = float(np.linalg.norm(ink)) or 1.0
+    along = np.clip(rest @ (ink / length), 0.0, length)
+    off_blend = np.linalg.norm(rest - along[:, None] * (ink / length), axis=1)
+    return float((off_blend <= 24).mean()) >= TEXT_ON_BLEND
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -97,20 +127,12 @@ class LoadedImage:
 
     @cached_property
     def graphic(self) -> bool:
-        """A chart, a logo or a drawing, not a photograph: under GRAPHIC_LEVELS distinct green levels,
-        or GRAPHIC_COLOURS exact colours covering GRAPHIC_COVERAGE of the pixels (flat fills with
-        antialiased edges). Experts that read a photo's texture or compression traces decline such an
-        image. The sample takes every 4th pixel each way, denser on an image under 512 px (every pixel
-        under 256), so a small photo is not mistaken for a graphic."""
+        """A chart, a logo, a drawing or a screenshot of text, not a photograph (`is_graphic`). Experts
+        that read a photo's texture, compression traces or repeated regions decline such an image. The
+        sample takes every 4th pixel each way, denser on an image under 512 px (every pixel under 256),
+        so a small photo is not mistaken for a graphic."""
         step = max(1, min(4, min(self.height, self.width) // 128))
-        sample = self.pixels[::step, ::step]
-        if len(np.unique(sample[..., 1])) < GRAPHIC_LEVELS:
-            return True
-        packed = (
-            (sample[..., 0].astype(np.int32) << 16) | (sample[..., 1].astype(np.int32) << 8) | sample[..., 2]
-        )
-        counts = np.unique(packed, return_counts=True)[1]
-        return float(np.sort(counts)[-GRAPHIC_COLOURS:].sum()) >= GRAPHIC_COVERAGE * packed.size
+        return is_graphic(self.pixels[::step, ::step].reshape(-1, 3))
 
     @cached_property
     def display(self) -> np.ndarray:

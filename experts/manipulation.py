@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from experts.base import Evidence, ModelNotAvailableError, not_applicable, nothing_to_examine
+from experts.base import (
+    Evidence,
+    ModelNotAvailableError,
+    graphic_declined,
+    not_applicable,
+    nothing_to_examine,
+)
 from experts.fusion import THUMBNAIL_SIDE
 from experts.image import LoadedImage
 from experts.maps import fit_longest_side, mask_from_heatmap, regions_from_mask, resize_map
@@ -273,7 +279,7 @@ def predict(model: LocaliserNet, pixels: np.ndarray) -> tuple[np.ndarray, float]
 class ManipulationLocaliser:
     name = "manipulation"
     # 2: works at 384 px (was 512); 3: the summary states the score once; 4: no thumbnails; 5: declines a
-    # featureless image; 6: declines a graphic; 7: also one of a few flat colours with antialiased edges
+    # featureless image; 6: declines a graphic; 7: also flat colours with antialiased edges, or text
     version = "7"
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
@@ -313,11 +319,10 @@ class ManipulationLocaliser:
         if image.featureless:
             return nothing_to_examine(self.name, self.version)
         if image.graphic:
-            return not_applicable(
+            return graphic_declined(
                 self.name,
-                "The image is made of a few flat colours (a chart, a logo or a drawing): the learned "
-                "manipulation localiser was trained on photographs and does not judge graphics.",
                 self.version,
+                "the learned manipulation localiser was trained on photographs and does not judge graphics.",
             )
         try:
             model = load_localiser()

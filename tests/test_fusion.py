@@ -161,6 +161,22 @@ def test_a_heavily_compressed_jpeg_is_not_accused_on_its_artefacts():
     assert tampered.label == "manipulated"
 
 
+def test_nothing_clears_a_graphic_but_evidence_still_accuses_it():
+    """An expert that declines a graphic says so (details "graphic"): where the evidence would clear
+    the image, it is uncertain at the band's lower edge instead; strong evidence still accuses."""
+    from experts.base import graphic_declined
+    from experts.fusion import GRAPHIC_RULE
+
+    declined = graphic_declined("ela", "1", "it reads photos.")
+    low = MODEL.uncertain_band[0]
+    quiet = fuse([declined, evidence("noise", 0.0), evidence("copy_move", 0.0)], SHAPE, MODEL)
+    assert quiet.label == "uncertain" and quiet.probability == low and quiet.rule == GRAPHIC_RULE
+    photo = fuse([evidence("ela", 0.0), evidence("noise", 0.0), evidence("copy_move", 0.0)], SHAPE, MODEL)
+    assert photo.label == "authentic" and photo.rule is None
+    tampered = fuse([declined, evidence("noise", 0.0), evidence("watermark", 0.9)], SHAPE, MODEL)
+    assert tampered.label == "manipulated" and tampered.rule is None
+
+
 def test_model_round_trips_through_tensors():
     tensors, metadata = MODEL.to_tensors()
     again = FusionModel.from_tensors(tensors, metadata, "fitted")

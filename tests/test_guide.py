@@ -229,3 +229,12 @@ def test_a_verdict_on_a_heavily_compressed_file_says_why_it_is_weak() -> None:
     text = compose_answer(held, [localiser], [], "Is this fake?", image_id="image_1")
     assert COMPRESSION_CAVEATS["uncertain"] in text
     assert check_answer(text, held, [localiser], [], require_verdict=True) == []
+
+
+def test_an_uncleared_graphic_says_why() -> None:
+    from assistant.grounding import GRAPHIC_CAVEAT, caveat_of
+    from experts.fusion import GRAPHIC_RULE
+
+    band = (0.35, 0.65)
+    assert caveat_of(Verdict("uncertain", 0.35, (), None, band, GRAPHIC_RULE)) == GRAPHIC_CAVEAT
+    assert caveat_of(Verdict("uncertain", 0.35, (), None, band)) == CAVEATS["uncertain"]

@@ -305,3 +305,19 @@ def test_an_antialiased_graphic_is_a_graphic_and_a_grey_photo_is_not():
         assert len(np.unique(graphic[..., 1])) >= 32 and load_image(graphic).graphic
     for photo in (data.moon(), data.camera(), data.coffee()):
         assert not load_image(photo).graphic
+
+
+def test_a_screenshot_of_text_is_a_graphic_even_as_a_jpeg():
+    """Dark antialiased text on a plain background (a post, an article): most pixels the background, the
+    rest blends of it with the ink. A photo of a page, with its light falling off, is no graphic."""
+    from skimage import data
+
+    words = np.random.default_rng(0).choice(["council", "budget", "said", "the", "vote", "mayor", "plan"], 90)
+    page = np.full((420, 700, 3), (250, 250, 248), np.uint8)
+    for line in range(9):
+        text = " ".join(words[line * 10 : line * 10 + 10])
+        cv2.putText(
+            page, text, (20, 40 + 42 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (30, 30, 40), 2, cv2.LINE_AA
+        )
+    assert load_image(page).graphic and load_image(encode(Image.fromarray(page), "JPEG", quality=85)).graphic
+    assert not load_image(data.page()).graphic and not load_image(data.text()).graphic
