@@ -33,10 +33,11 @@ GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, 
 GRAPHIC_COLOURS, GRAPHIC_COVERAGE = 16, 0.95
 # ... or text on a plain background (a screenshot of a post or an article): at least TEXT_BACKGROUND of
 # the pixels within 2 levels of the commonest colour, and at least TEXT_ON_BLEND of the others within 24
-# levels of a blend of it with the ink (antialiasing mixes the two). Screenshots of text: 0.73-0.91 and
-# 1.00; photos of ../shared/data: at most 0.67 (a product shot on white, 0.82 on a blend) or, on a blend
-# (grey photos), at most 0.39.
-TEXT_BACKGROUND, TEXT_ON_BLEND = 0.5, 0.9
+# levels of a blend of it with the ink (antialiasing mixes the two), or PLAIN_BACKGROUND of the pixels
+# that colour whatever the rest (a post with a small picture and coloured links). Screenshots of text:
+# 0.73-0.91 and 0.89-1.00; photos of ../shared/data: at most 0.67 (a product shot on white, 0.82 on a
+# blend) or, on a blend (grey photos), at most 0.39.
+TEXT_BACKGROUND, TEXT_ON_BLEND, PLAIN_BACKGROUND = 0.5, 0.9, 0.8
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP; raise with max_pixels= or FORENSICS_MAX_PIXELS
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 MAX_METADATA_CHARS = 4096  # longer text values are cut: metadata is untrusted data
@@ -59,7 +60,9 @@ def is_graphic(rgb: np.ndarray) -> bool:
     background = np.array([commonest >> 16, (commonest >> 8) & 255, commonest & 255], np.float32)
     offset = wide.astype(np.float32) - background
     plain = np.abs(offset).max(axis=1) <= 2
-    if plain.mean() < TEXT_BACKGROUND or plain.all():
+    if plain.mean() >= PLAIN_BACKGROUND:
+        return True
+    if plain.mean() < TEXT_BACKGROUND:
         return False
     rest = offset[~plain]
     distance = np.abs(rest).max(axis=1)
