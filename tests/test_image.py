@@ -320,4 +320,22 @@ def test_a_screenshot_of_text_is_a_graphic_even_as_a_jpeg():
             page, text, (20, 40 + 42 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (30, 30, 40), 2, cv2.LINE_AA
         )
     assert load_image(page).graphic and load_image(encode(Image.fromarray(page), "JPEG", quality=85)).graphic
+    post = np.full((700, 900, 3), 255, np.uint8)  # mostly page, with a picture too big for the blend test
+    post[20:170, 20:170] = cv2.resize(data.astronaut(), (150, 150), interpolation=cv2.INTER_AREA)
+    for line in range(6):
+        text = " ".join(words[line * 10 : line * 10 + 10])
+        cv2.putText(
+            post, text, (20, 230 + 42 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (30, 30, 40), 2, cv2.LINE_AA
+        )
+    cv2.putText(
+        post,
+        "https://example.org/budget",
+        (20, 620),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.8,
+        (240, 155, 29),
+        2,
+        cv2.LINE_AA,
+    )
+    assert load_image(encode(Image.fromarray(post), "JPEG", quality=85)).graphic
     assert not load_image(data.page()).graphic and not load_image(data.text()).graphic
