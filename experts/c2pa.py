@@ -38,6 +38,8 @@ MIME_TYPES = {
     "WEBP": "image/webp",
     "TIFF": "image/tiff",
     "GIF": "image/gif",
+    "HEIF": "image/heic",
+    "AVIF": "image/avif",
 }
 AI_SOURCE_TYPES = ("trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia", "algorithmicMedia")
 COMPOSITE_SOURCE_TYPES = ("composite", "compositeCapture", "compositeSynthetic")

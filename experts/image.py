@@ -24,7 +24,14 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from experts.base import ImageFacts, InvalidImageError
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # the JPEG reader also opens MPO
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "AVIF")  # the JPEG reader also opens MPO
+try:  # HEIC/HEIF (phone photos) through pillow-heif, when it is installed (it is a dependency)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    SUPPORTED_FORMATS += ("HEIF",)
+except ImportError:  # pragma: no cover - a partial install: HEIF files get the "not supported" error
+    pass
 FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
 GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, not a photo
 # ... or the share of its pixels that its GRAPHIC_COLOURS most frequent exact colours cover, at or above
@@ -259,6 +266,8 @@ def _sniff(data: bytes) -> str | None:
     """The format a file claims by its first bytes, to tell "corrupt JPEG" from "not an image"."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":  # ISO base media: the brand says which
+        return "AVIF" if data[8:12] in (b"avif", b"avis") else "HEIF"
     return next((kind for magic, kind in _SIGNATURES.items() if data.startswith(magic)), None)
 
 

@@ -23,12 +23,32 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF"])
 def test_every_supported_format_loads_at_its_size(fmt):
     image = load_image(encode(Image.fromarray(PIXELS), fmt))
     assert image.format == fmt
     assert image.pixels.shape == (48, 64, 3) and image.pixels.dtype == np.uint8
     assert len(image.sha256) == 64 and image.data
+
+
+def test_a_phone_photo_in_heic_loads_upright_with_its_camera_data():
+    """HEIF stores its rotation in the container; pillow-heif applies it, so the pixels are upright and
+    the EXIF orientation reads 1. A cut file gets the corrupt-header message, not "not an image"."""
+    from skimage import data
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0110] = 6, "Apple", "iPhone 15"
+    heic = encode(Image.fromarray(data.astronaut()), "HEIF", quality=90, exif=exif.tobytes())
+    image = load_image(heic)
+    assert (image.format, image.orientation, image.exif["Make"], image.exif["Model"]) == (
+        "HEIF",
+        1,
+        "Apple",
+        "iPhone 15",
+    )
+    assert np.abs(image.pixels.astype(int) - np.rot90(data.astronaut(), 3)).mean() < 5  # turned upright
+    with pytest.raises(InvalidImageError, match="starts like a HEIF file"):
+        load_image(heic[:200])
 
 
 def test_lossless_formats_keep_exact_pixels():

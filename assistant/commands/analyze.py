@@ -26,7 +26,10 @@ from experts import available_experts
 from experts.base import ForensicsError
 from experts.image import LoadedImage, load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".mpo"}
+IMAGE_SUFFIXES = {
+    *(".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".mpo"),
+    *(".heic", ".heif", ".avif"),
+}
 JSONL_SCHEMA = "forensics-batch/1"
 
 

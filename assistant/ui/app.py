@@ -335,7 +335,7 @@ def build_app(
                     feedback_options=None,
                 )
                 textbox = gr.MultimodalTextbox(
-                    file_types=["image"],
+                    file_types=["image", ".heic", ".heif"],  # browsers do not all call HEIC an image
                     file_count="single",
                     placeholder="Upload or paste an image, then ask (Enter sends)…",
                     show_label=False,
