@@ -69,7 +69,7 @@ CORROBORATION_SCORE = 0.5
 # Heavy compression: below this JPEG quality (the jpeg expert's estimate of the last save) the evidence
 # against is held at the band's upper edge. CASIA, faces_real and playground `val` photos re-saved at
 # quality 5: 27 of 88 untouched ones accused, 37 of 100 forgeries caught (chance); at 8: 5 of 88 (over
-# 5%); at 10 to 20: 1 or 2 (experts/weights/fusion.md, "Heavy compression").
+# 5%); at 10 to 20: 1 or 2 (experts/weights/fusion.md, "A second rule by design").
 HEAVY_COMPRESSION_BELOW = 10
 COMPRESSION_WITNESS = "jpeg"
 LONE_DETECTOR_RULE, HEAVY_COMPRESSION_RULE, GRAPHIC_RULE = "lone_detector", "heavy_compression", "graphic"

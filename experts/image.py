@@ -262,12 +262,18 @@ _SIGNATURES = {
 }
 
 
+_BRANDS = {
+    **dict.fromkeys((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"), "HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+}
+
+
 def _sniff(data: bytes) -> str | None:
     """The format a file claims by its first bytes, to tell "corrupt JPEG" from "not an image"."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    if data[4:8] == b"ftyp":  # ISO base media: the brand says which
-        return "AVIF" if data[8:12] in (b"avif", b"avis") else "HEIF"
+    if data[4:8] == b"ftyp":  # ISO base media (a video too): the brand says which
+        return _BRANDS.get(data[8:12])
     return next((kind for magic, kind in _SIGNATURES.items() if data.startswith(magic)), None)
 
 

@@ -49,6 +49,9 @@ def test_a_phone_photo_in_heic_loads_upright_with_its_camera_data():
     assert np.abs(image.pixels.astype(int) - np.rot90(data.astronaut(), 3)).mean() < 5  # turned upright
     with pytest.raises(InvalidImageError, match="starts like a HEIF file"):
         load_image(heic[:200])
+    video = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64)  # an MP4 is not a photo
+    with pytest.raises(InvalidImageError, match="not a supported image"):
+        load_image(video)
 
 
 def test_lossless_formats_keep_exact_pixels():
