@@ -374,10 +374,8 @@ def predict(models: Models, pixels: np.ndarray) -> Prediction:
     small = is_thumbnail(view)
     mirrors = (False, True) if small else (False,)
     views = [mirrored(view) if mirror else view for mirror in mirrors]
-    crops = backbone_crops(view)
-    appearance = float(
-        np.mean([models.head(backbone_features(models.backbone, backbone_crops(v))).mean() for v in views])
-    )
+    crops = [backbone_crops(v) for v in views]
+    appearance = float(np.mean([models.head(backbone_features(models.backbone, c)).mean() for c in crops]))
     npr_runs = [npr_patch_logits(models, view, mirror) for mirror in mirrors]
     patch_logits = np.mean([logits for logits, _, _ in npr_runs], axis=0)
     _, positions, size = npr_runs[0]
@@ -398,7 +396,7 @@ def predict(models: Models, pixels: np.ndarray) -> Prediction:
         patch_logits=patch_logits,
         positions=positions,
         patch_size=size,
-        crops=len(crops),
+        crops=len(crops[0]),
         view_shape=(int(view.shape[0]), int(view.shape[1])),
     )
 
