@@ -111,6 +111,7 @@ def verdict_record(verdict: Verdict | None, where: list[str], mask_file: str | N
         "label": verdict.label,
         "probability": verdict.probability,
         "uncertain_band": list(verdict.uncertain_band),
+        "rule": verdict.rule,
         "drivers": [driver_record(d) for d in verdict.drivers],
         "mask": mask_file,
         "where": where,

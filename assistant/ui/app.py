@@ -303,6 +303,7 @@ def answer_json(answer: Answer) -> dict:
             "label": verdict.label,
             "probability": verdict.probability,
             "uncertain_band": list(verdict.uncertain_band),
+            "rule": verdict.rule,
             "where": answer.where,
         },
         "experts": {e.expert: e.score for e in answer.evidence},
