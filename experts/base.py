@@ -117,7 +117,8 @@ class Verdict:
     uncertain_band: tuple[float, float]
     # The fusion's rule that bounded the verdict, if any: "lone_detector" (the AI-image detector's word
     # alone held on a photo), "heavy_compression" (a JPEG saved below quality 10: no accusation),
-    # "graphic" (a chart, a drawing, a screenshot of text: not cleared).
+    # "graphic" (a chart, a drawing, a screenshot of text: not cleared), "no_witness" (weak findings
+    # only, none convinced on its own: no accusation).
     rule: str | None = None
 
     def __post_init__(self) -> None:

@@ -36,7 +36,10 @@ when the evidence against is mostly its own and no second expert points to synth
 contribution stops at the uncertain band's upper edge. (Beside editing evidence that outweighs it, it
 still counts as fitted.) A JPEG last saved below HEAVY_COMPRESSION_BELOW is compressed so hard that its
 block artefacts swamp every detector's traces: there all evidence against but provenance stops at that
-edge together, and the verdict names the rule (Verdict.rule) so the answer can say why. Nothing clears
+edge together, and the verdict names the rule (Verdict.rule) so the answer can say why. Weak findings
+do not add up to an accusation: unless at least one expert the verdict rests on is convinced on its own
+(a score of WITNESS_SCORE or more from an expert the fusion weighs, or provenance that prosecutes), the
+evidence against stops at that edge in the same way. Nothing clears
 a graphic (a chart, a logo, a drawing, a screenshot of text; an expert that declines one says so in its
 details): the photo experts cannot examine it and its content can be made up without a trace, so
 where the evidence would clear it, it is "uncertain" at the band's lower edge.
@@ -72,7 +75,12 @@ CORROBORATION_SCORE = 0.5
 # 5%); at 10 to 20: 1 or 2 (experts/weights/fusion.md, "A second rule by design").
 HEAVY_COMPRESSION_BELOW = 10
 COMPRESSION_WITNESS = "jpeg"
+# No witness: an accusation needs one expert convinced on its own, at this score or more (an expert's 0.5
+# is its own "more likely than not"). On `val` (experts/weights/fusion.md, "A third rule by design") it
+# holds 1 of 82 CASIA forgeries as stored, none at q90, and no faces, CIFAKE or playground image.
+WITNESS_SCORE = 0.5
 LONE_DETECTOR_RULE, HEAVY_COMPRESSION_RULE, GRAPHIC_RULE = "lone_detector", "heavy_compression", "graphic"
+NO_WITNESS_RULE = "no_witness"
 
 # Provenance in log-odds: tampered or forged provenance prosecutes; intact provenance defends, by at
 # most half of the evidence against when there is some.
@@ -275,10 +283,13 @@ def fuse(
     drivers = image_model.contributions(evidence)
     unexamined = image_model.unexamined(evidence)
     rule = None
+    against = {d.expert for d in drivers if d.expert not in PROVENANCE_EXPERTS}
     if heavily_compressed(evidence):
         rule = HEAVY_COMPRESSION_RULE
-        against = {d.expert for d in drivers if d.expert not in PROVENANCE_EXPERTS}
         drivers = _held_below(drivers, against, band[1], image_model, unexamined)
+    elif not any(_is_witness(d) for d in drivers):
+        drivers = _held_below(drivers, against, band[1], image_model, unexamined)
+        rule = NO_WITNESS_RULE if any(d.held for d in drivers) else None
     elif lone_detector and _lone_witness(evidence, drivers, shape, lone_detector):
         drivers = _held_below(drivers, {lone_detector}, band[1], image_model, unexamined)
         rule = LONE_DETECTOR_RULE if any(d.held for d in drivers) else None
@@ -333,6 +344,13 @@ def _lone_witness(
         for e in evidence
     )
     return context_of(shape) == PHOTO and not seconded and _kind(evidence, drivers) == "ai_generated"
+
+
+def _is_witness(driver: Driver) -> bool:
+    """Whether an expert is convinced on its own that the image is not authentic: a score of
+    WITNESS_SCORE or more from an expert the fusion weighs (weight > 0), or provenance that prosecutes."""
+    counts = driver.weight > 0 or (driver.expert in PROVENANCE_EXPERTS and driver.contribution > 0)
+    return counts and driver.score >= WITNESS_SCORE
 
 
 def heavily_compressed(evidence: Sequence[Evidence]) -> bool:

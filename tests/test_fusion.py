@@ -161,6 +161,29 @@ def test_a_heavily_compressed_jpeg_is_not_accused_on_its_artefacts():
     assert tampered.label == "manipulated"
 
 
+def test_weak_findings_alone_do_not_add_up_to_an_accusation():
+    """Three experts each under 0.5 would together pass the band: with none convinced on its own, the
+    evidence against stops at the band's upper edge and the verdict names the rule. One expert at 0.5
+    (a witness) lets the same evidence accuse; so does provenance that prosecutes."""
+    from experts.fusion import NO_WITNESS_RULE, WITNESS_SCORE
+
+    high = MODEL.uncertain_band[1]
+    below = WITNESS_SCORE - 0.05
+    weak = [evidence("ela", below), evidence("copy_move", below), evidence("metadata", below)]
+    unheld = fuse(weak, SHAPE, replace(MODEL, uncertain_band=(0.35, 0.999)))
+    assert unheld.probability > high  # what the sum alone would say
+    held = fuse(weak, SHAPE, MODEL)
+    assert held.label == "uncertain" and held.rule == NO_WITNESS_RULE
+    assert high - 0.01 < held.probability <= high
+    assert all(d.held for d in held.drivers if d.contribution > 0)
+    witnessed = fuse([evidence("ela", WITNESS_SCORE), *weak[1:]], SHAPE, MODEL)
+    assert witnessed.label == "manipulated" and witnessed.rule is None
+    provenance = fuse([*weak, evidence("watermark", 0.9)], SHAPE, MODEL)
+    assert provenance.label == "manipulated" and provenance.rule is None
+    clean = fuse([evidence("ela", 0.1), evidence("noise", 0.0), evidence("copy_move", 0.0)], SHAPE, MODEL)
+    assert clean.label == "authentic" and clean.rule is None
+
+
 def test_nothing_clears_a_graphic_but_evidence_still_accuses_it():
     """An expert that declines a graphic says so (details "graphic"): where the evidence would clear
     the image, it is uncertain at the band's lower edge instead; strong evidence still accuses."""

@@ -238,3 +238,28 @@ def test_an_uncleared_graphic_says_why() -> None:
     band = (0.35, 0.65)
     assert caveat_of(Verdict("uncertain", 0.35, (), None, band, GRAPHIC_RULE)) == GRAPHIC_CAVEAT
     assert caveat_of(Verdict("uncertain", 0.35, (), None, band)) == CAVEATS["uncertain"]
+
+
+def test_weak_findings_held_by_the_fusion_say_why() -> None:
+    """The fusion's no-witness rule: an uncertain verdict says no expert was convinced on its own, in the
+    composed answer too, and the answer checks."""
+    from assistant.grounding import NO_WITNESS_CAVEAT, caveat_of, compose_answer
+    from experts.fusion import NO_WITNESS_RULE
+
+    band = (0.35, 0.65)
+    drivers = (
+        Driver("copy_move", 0.41, 6.2, 0.9, held=True),
+        Driver("manipulation", 0.46, 3.1, 0.4, held=True),
+    )
+    held = Verdict("uncertain", 0.65, drivers, None, band, NO_WITNESS_RULE)
+    assert caveat_of(held) == NO_WITNESS_CAVEAT
+    assert caveat_of(Verdict("uncertain", 0.5, (), None, band)) == CAVEATS["uncertain"]
+    evidence = [
+        Evidence("copy_move", 0.41, True, "A 36x67-pixel region appears twice, near the centre."),
+        Evidence(
+            "manipulation", 0.46, True, "A network trained on edited photos finds no convincing region."
+        ),
+    ]
+    text = compose_answer(held, evidence, [], "Is this fake?", image_id="image_1")
+    assert NO_WITNESS_CAVEAT in text
+    assert check_answer(text, held, evidence, [], require_verdict=True) == []
