@@ -648,6 +648,17 @@ written: CASIA, faces_real and playground `val` photos re-saved at quality 5 wer
 5%) and caught 19, at 10, 12, 15 and 20 accused 1, 2, 1 and 2. With the rule, quality 5 and 8 accuse
 none; clean results there stand, and their caveat says they mean little.
 
+A third rule by design (`WITNESS_SCORE`): weak findings alone make no accusation. Unless at least
+one expert the fusion weighs scores 0.5 or more on its own (its "more likely than not"), or provenance
+prosecutes, all evidence against stops at the band's upper edge, scaled down together, and the
+verdict's rule is `no_witness`. The linear model adds weak scores up: a Kodak photo (`test`) re-saved
+with a credit line burnt in was accused (0.67) on a copy-move match the expert itself called weak
+(0.41, two windows of a facade) and a localiser score of 0.46. Checked on `val` before it was
+written (the README's `forensics eval --split val` per data set, as stored and at JPEG 90): of the
+images the fusion accused, 1 of 82 CASIA forgeries as stored had no such witness (0 of 67 at q90; 0
+of the 19 and 17 faces, 61 and 61 CIFAKE and playground fakes); no authentic `val` image was accused
+without one.
+
 An expert the model weighs that was not run at all (`forensics analyze --experts ...`) counts at its
 typical contribution t, c * presence + w * score averaged over the fit's `val` images with the fit's
 weights, not as an expert that looked and found nothing: a partial analysis leans neither way on what
