@@ -35,6 +35,7 @@ def test_jsonl_has_one_line_per_image_with_verdict_and_scores(folder, tmp_path, 
     splice_row = rows["splice.jpg"]
     assert splice_row["schema"] == "forensics-batch/1"
     assert splice_row["label"] == "manipulated" and splice_row["probability"] > 0.65
+    assert splice_row["rule"] is None  # the fusion rule that bounded the verdict, as in report.json
     assert set(splice_row["scores"]) == set(experts.split(","))
     assert splice_row["scores"]["jpeg"] > 0.5 and len(splice_row["sha256"]) == 64
     assert capsys.readouterr().err.count("forensics: ") == 1  # one line for the broken file

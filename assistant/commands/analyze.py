@@ -4,8 +4,8 @@ with the forensic experts (no language model).
 With no IMAGE, analyses the built-in example images (an authentic photo, a splice and a copy-move
 forgery). Folders are searched recursively; a progress bar shows on stderr for more than one image.
 --out DIR writes the report contract (one folder per image, DIR/results.jsonl; re-running resumes).
---jsonl FILE writes one line per image (path, sha256, verdict, probability, per-expert scores, or the
-error); with --resume, images already in FILE (same path or same sha256) are skipped, so an
+--jsonl FILE writes one line per image (path, sha256, verdict, probability, fusion rule, per-expert
+scores, or the error); with --resume, images already in FILE (same path or same sha256) are skipped, so an
 interrupted batch continues where it stopped.
 Exit status: 0 all analysed; 1 some input failed (one line each on stderr); 2 usage error.
 """
@@ -142,6 +142,7 @@ def batch_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
         "sha256": report["image"]["sha256"],
         "label": verdict["label"],
         "probability": verdict["probability"],
+        "rule": verdict["rule"],
         "where": verdict["where"],
         "scores": {item["expert"]: item["score"] for item in report["evidence"]},
         "seconds": report["timings"].get("total"),
