@@ -1,0 +1,167 @@
+"""Pristine photos after everyday handling: does the fused verdict accuse them?
+
+    .venv/bin/python -m benchmarks.everyday [--datasets kodak,exif_samples,skimage_data] [--variants ...]
+
+A photo reaches a fact-checker re-saved by a messaging app, shrunk by a social network, brightened,
+cropped, with a credit line burnt in, or as a screenshot of the post that carried it. None of that is
+the kind of manipulation the product looks for, and a false accusation is its worst failure. Every
+pristine `test` photo (by default `clean_photos`, which nothing was trained or tuned on) goes through
+each handling below, and the table gives the fused verdicts: accused (manipulated or AI-generated),
+uncertain, cleared, with the accused ones named and the fusion rules that bounded verdicts counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections import Counter
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+from assistant.analysis import analyze
+from assistant.evaluate import default_manifest, read_manifest
+from benchmarks.thumbnails import EXPERTS
+from experts import load_image
+
+DATASETS = "kodak,exif_samples,skimage_data"
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)  # no EXIF: as the platforms strip it
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _long_side_at_most(image: Image.Image, side: int) -> Image.Image:
+    scale = side / max(image.size)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=cv2.INTER_AREA))
+
+
+def messaging(image: Image.Image) -> bytes:
+    """As a messaging app forwards a photo: long side at most 1600 px, JPEG 70, metadata gone."""
+    return _jpeg(_long_side_at_most(image, 1600), 70)
+
+
+def social(image: Image.Image) -> bytes:
+    """As a social network shows it: long side at most 1080 px, JPEG 85."""
+    return _jpeg(_long_side_at_most(image, 1080), 85)
+
+
+def adjusted(image: Image.Image) -> bytes:
+    """Brightness +15%, contrast +10%, saturation +20% over the whole photo, JPEG 90."""
+    image = ImageEnhance.Brightness(image.convert("RGB")).enhance(1.15)
+    image = ImageEnhance.Contrast(image).enhance(1.1)
+    return _jpeg(ImageEnhance.Color(image).enhance(1.2), 90)
+
+
+def cropped(image: Image.Image) -> bytes:
+    """The centre 80% each way, JPEG 90."""
+    width, height = image.size
+    left, top = round(width * 0.1), round(height * 0.1)
+    return _jpeg(image.crop((left, top, width - left, height - top)), 90)
+
+
+def credit_line(image: Image.Image) -> bytes:
+    """A caption strip with a credit line burnt into the bottom, as agencies and news sites add, JPEG 90."""
+    image = image.convert("RGB")
+    size = max(12, image.height // 28)
+    draw = ImageDraw.Draw(image, "RGBA")
+    draw.rectangle((0, image.height - 2 * size, image.width, image.height), fill=(0, 0, 0, 140))
+    font = ImageFont.load_default(size=size)
+    draw.text(
+        (size // 2, image.height - 1.6 * size), "Photo: J. Smith / Example Agency", font=font, fill="white"
+    )
+    return _jpeg(image, 90)
+
+
+def screenshot(image: Image.Image) -> bytes:
+    """A screenshot of a post that carries the photo: 1080 px wide, a header, text and counters around
+    the photo (shrunk to 1020 px wide), PNG."""
+    width, margin = 1080, 30
+    photo = image.convert("RGB")
+    scale = (width - 2 * margin) / photo.width
+    photo = photo.resize((width - 2 * margin, max(1, round(photo.height * scale))), Image.Resampling.BICUBIC)
+    page = Image.new("RGB", (width, photo.height + 430), "white")
+    draw = ImageDraw.Draw(page)
+    text, small = ImageFont.load_default(size=30), ImageFont.load_default(size=22)
+    draw.ellipse((margin, margin, margin + 80, margin + 80), fill=(29, 155, 240))
+    draw.text((130, 40), "Local News Desk  @localnews · 2h", font=text, fill=(15, 20, 25))
+    draw.text(
+        (margin, 130), "Breaking: crowds gathered downtown this afternoon as the", font=small, fill="black"
+    )
+    draw.text((margin, 165), "storm cleared. Photo by our reporter on the scene.", font=small, fill="black")
+    page.paste(photo, (margin, 230))
+    below = 230 + photo.height + 40
+    draw.text((margin, below), "12:41 PM · Nov 28, 2026 · 1.2M Views", font=small, fill=(110, 118, 125))
+    draw.text((margin, below + 60), "4,211 Reposts    312 Quotes    18.4K Likes", font=small, fill="black")
+    return _png(page)
+
+
+HANDLING: dict[str, Callable[[Image.Image], bytes]] = {
+    "messaging app (<= 1600 px, JPEG 70)": messaging,
+    "social network (<= 1080 px, JPEG 85)": social,
+    "brightness, contrast, saturation (JPEG 90)": adjusted,
+    "cropped to the centre 80% (JPEG 90)": cropped,
+    "credit line burnt in (JPEG 90)": credit_line,
+    "screenshot of a post (PNG)": screenshot,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets", default=DATASETS, help="comma-separated `test` data sets of pristine photos"
+    )
+    parser.add_argument("--variants", default="", help="comma-separated handling numbers (1-6; default all)")
+    parser.add_argument("--as-stored", action="store_true", help="also the files as stored")
+    args = parser.parse_args()
+    items = [
+        item
+        for item in read_manifest(default_manifest(), split="test", datasets=args.datasets.split(","))
+        if not item.positive
+    ]
+    chosen = [int(n) - 1 for n in args.variants.split(",") if n] or range(len(HANDLING))
+    handling = [list(HANDLING.items())[i] for i in chosen]
+    if args.as_stored:
+        handling.insert(0, ("as stored", None))
+    print(f"{len(items)} pristine photos ({args.datasets})")
+    print("| handling | accused | uncertain | cleared | rules that bounded a verdict | accused photos |")
+    print("|---|---:|---:|---:|---|---|")
+    for name, transform in handling:
+        labels, rules, accused = Counter(), Counter(), []
+        for item in items:
+            if transform is None:
+                image = load_image(item.file, name=item.path)
+            else:
+                with Image.open(item.file) as opened:
+                    image = load_image(transform(opened), name=item.path)
+            verdict = analyze(image, EXPERTS).verdict
+            kind = {"authentic": "cleared", "uncertain": "uncertain"}.get(verdict.label, "accused")
+            labels[kind] += 1
+            rules[verdict.rule] += verdict.rule is not None
+            if kind == "accused":
+                accused.append(f"{item.path.rsplit('/', 1)[-1]} {verdict.probability:.2f}")
+        bounded = ", ".join(f"{rule} {count}" for rule, count in rules.items() if count) or "-"
+        print(
+            f"| {name} | {labels['accused']} | {labels['uncertain']} | {labels['cleared']} | {bounded} | "
+            f"{', '.join(accused) or '-'} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
