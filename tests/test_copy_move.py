@@ -8,7 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from imaging import jpeg_bytes
+from imaging import jpeg_bytes, png_bytes
 
 from experts.copy_move import CopyMove
 from experts.image import load_image
@@ -133,6 +133,28 @@ def test_a_screenshot_of_text_is_not_judged_for_copying():
         )
     evidence = EXPERT.analyze(load_image(jpeg_bytes(page)))
     assert not evidence.applicable and evidence.details["graphic"] and "screenshot" in evidence.summary
+
+
+def test_lettering_around_a_photo_in_a_post_is_not_a_clone():
+    """A screenshot of a post: a photo on a white page whose header and text repeat "news" in one font.
+    The page is not a graphic (the photo is most of it), and the repeated glyphs scored 0.95 as "a
+    region twice" until matches beside the plain page stopped counting."""
+    from skimage import data
+
+    page = np.full((1100, 1080, 3), 255, np.uint8)
+    cv2.circle(page, (70, 70), 40, (29, 155, 240), -1)
+    lines = [
+        "Local News Desk  @localnews",
+        "Breaking: the news desk reports the news",
+        "as the news came in.",
+    ]
+    for row, text in enumerate(lines):
+        origin = (130 if row == 0 else 30, 80 + 50 * row)
+        cv2.putText(page, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 1.0, (15, 20, 25), 2, cv2.LINE_AA)
+    page[230:910, 30:1050] = cv2.resize(data.coffee(), (1020, 680), interpolation=cv2.INTER_CUBIC)
+    image = load_image(png_bytes(page))
+    assert not image.graphic
+    assert EXPERT.analyze(image).score < 0.5
 
 
 def test_deterministic(sample_evidence):
