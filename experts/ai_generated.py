@@ -355,9 +355,10 @@ def mirrored(view: np.ndarray) -> np.ndarray:
 
 
 def npr_patch_logits(models: Models, view: np.ndarray, mirror: bool) -> tuple[np.ndarray, list, int]:
-    """The NPR branch's logit per patch of the view (of its mirror image, each patch logit put back in
-    the unmirrored patch's place: the grid is symmetric), their corners and the patch size."""
-    patches, positions, size = npr_patches(mirrored(view) if mirror else view)
+    """The NPR branch's logit per patch of the view, their corners and the patch size. With `mirror`,
+    `view` is the mirror image, and each patch logit is put back in the unmirrored patch's place (the
+    grid is symmetric)."""
+    patches, positions, size = npr_patches(view)
     logits = models.npr(patch_tensor(patches)).numpy()
     if mirror:
         rows = len({y for y, _ in positions})
@@ -376,7 +377,7 @@ def predict(models: Models, pixels: np.ndarray) -> Prediction:
     views = [mirrored(view) if mirror else view for mirror in mirrors]
     crops = [backbone_crops(v) for v in views]
     appearance = float(np.mean([models.head(backbone_features(models.backbone, c)).mean() for c in crops]))
-    npr_runs = [npr_patch_logits(models, view, mirror) for mirror in mirrors]
+    npr_runs = [npr_patch_logits(models, v, mirror) for v, mirror in zip(views, mirrors, strict=True)]
     patch_logits = np.mean([logits for logits, _, _ in npr_runs], axis=0)
     _, positions, size = npr_runs[0]
     npr = float(patch_logits.mean())
