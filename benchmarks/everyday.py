@@ -13,11 +13,9 @@ uncertain, cleared, with the accused ones named and the fusion rules that bounde
 from __future__ import annotations
 
 import argparse
-import io
 from collections import Counter
 from collections.abc import Callable
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
@@ -25,52 +23,39 @@ from assistant.analysis import analyze
 from assistant.evaluate import default_manifest, read_manifest
 from benchmarks.thumbnails import EXPERTS
 from experts import load_image
+from experts.maps import fit_longest_side
+from finetune.faces import jpeg_bytes, png_bytes
 
 DATASETS = "kodak,exif_samples,skimage_data"
+SUBSAMPLING = 2  # 4:2:0, Pillow's default; every JPEG here is saved without metadata, as platforms strip it
 
 
-def _jpeg(image: Image.Image, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=quality)  # no EXIF: as the platforms strip it
-    return buffer.getvalue()
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _long_side_at_most(image: Image.Image, side: int) -> Image.Image:
-    scale = side / max(image.size)
-    if scale >= 1.0:
-        return image
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=cv2.INTER_AREA))
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
 
 
 def messaging(image: Image.Image) -> bytes:
     """As a messaging app forwards a photo: long side at most 1600 px, JPEG 70, metadata gone."""
-    return _jpeg(_long_side_at_most(image, 1600), 70)
+    return jpeg_bytes(fit_longest_side(_rgb(image), 1600), 70, SUBSAMPLING)
 
 
 def social(image: Image.Image) -> bytes:
     """As a social network shows it: long side at most 1080 px, JPEG 85."""
-    return _jpeg(_long_side_at_most(image, 1080), 85)
+    return jpeg_bytes(fit_longest_side(_rgb(image), 1080), 85, SUBSAMPLING)
 
 
 def adjusted(image: Image.Image) -> bytes:
     """Brightness +15%, contrast +10%, saturation +20% over the whole photo, JPEG 90."""
     image = ImageEnhance.Brightness(image.convert("RGB")).enhance(1.15)
     image = ImageEnhance.Contrast(image).enhance(1.1)
-    return _jpeg(ImageEnhance.Color(image).enhance(1.2), 90)
+    return jpeg_bytes(_rgb(ImageEnhance.Color(image).enhance(1.2)), 90, SUBSAMPLING)
 
 
 def cropped(image: Image.Image) -> bytes:
     """The centre 80% each way, JPEG 90."""
     width, height = image.size
     left, top = round(width * 0.1), round(height * 0.1)
-    return _jpeg(image.crop((left, top, width - left, height - top)), 90)
+    return jpeg_bytes(_rgb(image.crop((left, top, width - left, height - top))), 90, SUBSAMPLING)
 
 
 def credit_line(image: Image.Image) -> bytes:
@@ -83,7 +68,7 @@ def credit_line(image: Image.Image) -> bytes:
     draw.text(
         (size // 2, image.height - 1.6 * size), "Photo: J. Smith / Example Agency", font=font, fill="white"
     )
-    return _jpeg(image, 90)
+    return jpeg_bytes(_rgb(image), 90, SUBSAMPLING)
 
 
 def screenshot(image: Image.Image) -> bytes:
@@ -106,7 +91,7 @@ def screenshot(image: Image.Image) -> bytes:
     below = 230 + photo.height + 40
     draw.text((margin, below), "12:41 PM · Nov 28, 2026 · 1.2M Views", font=small, fill=(110, 118, 125))
     draw.text((margin, below + 60), "4,211 Reposts    312 Quotes    18.4K Likes", font=small, fill="black")
-    return _png(page)
+    return png_bytes(_rgb(page))
 
 
 HANDLING: dict[str, Callable[[Image.Image], bytes]] = {
