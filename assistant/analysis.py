@@ -24,7 +24,7 @@ def analyze(
     loaded_at = time.perf_counter()
     evidence = run_experts(loaded, experts, params)
     experts_at = time.perf_counter()
-    verdict = fuse(evidence, (loaded.height, loaded.width))
+    verdict = fuse(evidence, (loaded.height, loaded.width), jpeg_quality=loaded.last_jpeg_quality)
     timings = {
         "load": round(loaded_at - start, 4),
         "experts": round(experts_at - loaded_at, 4),

@@ -522,7 +522,7 @@ def peak_memory_mb(images: Sequence[LoadedImage], names: Sequence[str]) -> dict[
                 peaks[name] = max(peaks.get(name, 0), peak - before)
                 whole = max(whole, peak - start)
             tracemalloc.reset_peak()
-            fuse(evidence, (image.height, image.width))
+            fuse(evidence, (image.height, image.width), jpeg_quality=image.last_jpeg_quality)
             peaks[FUSED] = max(peaks.get(FUSED, 0), whole, tracemalloc.get_traced_memory()[1] - start)
     finally:
         if not was_tracing:

@@ -69,10 +69,11 @@ THUMBNAIL_SIDE = 64
 # points to synthesis with a score of at least CORROBORATION_SCORE.
 LONE_DETECTOR = "ai_generated"
 CORROBORATION_SCORE = 0.5
-# Heavy compression: below this JPEG quality (the jpeg expert's estimate of the last save) the evidence
-# against is held at the band's upper edge. CASIA, faces_real and playground `val` photos re-saved at
-# quality 5: 27 of 88 untouched ones accused, 37 of 100 forgeries caught (chance); at 8: 5 of 88 (over
-# 5%); at 10 to 20: 1 or 2 (experts/weights/fusion.md, "A second rule by design").
+# Heavy compression: below this JPEG quality (the jpeg expert's estimate of the last save, or the same
+# estimate from the file's table when that expert did not run) the evidence against is held at the
+# band's upper edge. CASIA, faces_real and playground `val` photos re-saved at quality 5: 27 of 88
+# untouched ones accused, 37 of 100 forgeries caught (chance); at 8: 5 of 88 (over 5%); at 10 to 20:
+# 1 or 2 (experts/weights/fusion.md, "A second rule by design").
 HEAVY_COMPRESSION_BELOW = 10
 COMPRESSION_WITNESS = "jpeg"
 # No witness: an accusation needs one expert convinced on its own, at this score or more (an expert's 0.5
@@ -274,9 +275,12 @@ def fuse(
     model: FusionModel | None = None,
     uncertain_band: tuple[float, float] | None = None,
     lone_detector: str | None = LONE_DETECTOR,
+    jpeg_quality: int | None = None,
 ) -> Verdict:
     """Combine evidence for an image of the given (height, width) into a Verdict. `lone_detector`: the
-    expert that alone cannot make a photo "AI-generated" (None: no such rule, to measure its effect)."""
+    expert that alone cannot make a photo "AI-generated" (None: no such rule, to measure its effect).
+    `jpeg_quality`: the file's last JPEG quality (LoadedImage.last_jpeg_quality), for the
+    heavy-compression rule when the jpeg expert did not run."""
     model = model or fusion_model()
     band = uncertain_band or model.uncertain_band
     image_model = model.image_model(shape)
@@ -284,7 +288,7 @@ def fuse(
     unexamined = image_model.unexamined(evidence)
     rule = None
     against = {d.expert for d in drivers if d.expert not in PROVENANCE_EXPERTS}
-    if heavily_compressed(evidence):
+    if heavily_compressed(evidence, jpeg_quality):
         rule = HEAVY_COMPRESSION_RULE
         drivers = _held_below(drivers, against, band[1], image_model, unexamined)
     elif not any(_is_witness(d) for d in drivers):
@@ -353,10 +357,12 @@ def _is_witness(driver: Driver) -> bool:
     return counts and driver.score >= WITNESS_SCORE
 
 
-def heavily_compressed(evidence: Sequence[Evidence]) -> bool:
-    """Whether the jpeg expert estimates that the file was last saved below HEAVY_COMPRESSION_BELOW."""
+def heavily_compressed(evidence: Sequence[Evidence], jpeg_quality: int | None = None) -> bool:
+    """Whether the file was last saved below HEAVY_COMPRESSION_BELOW: the jpeg expert's estimate, or
+    the file's own (`jpeg_quality`) when that expert did not run."""
     quality = next(
-        (e.details.get("last_quality_estimate") for e in evidence if e.expert == COMPRESSION_WITNESS), None
+        (e.details.get("last_quality_estimate") for e in evidence if e.expert == COMPRESSION_WITNESS),
+        jpeg_quality,
     )
     return quality is not None and quality < HEAVY_COMPRESSION_BELOW
 

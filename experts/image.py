@@ -23,6 +23,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from experts.base import ImageFacts, InvalidImageError
+from experts.jpeg_tables import nearest_quality_relative
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "AVIF")  # the JPEG reader also opens MPO
 try:  # HEIC/HEIF (phone photos) through pillow-heif, when it is installed (it is a dependency)
@@ -128,6 +129,13 @@ class LoadedImage:
     def gray(self) -> np.ndarray:
         """Luma (ITU-R BT.601, as JPEG uses) as float32 HxW in [0, 255]."""
         return luma(self.pixels)
+
+    @cached_property
+    def last_jpeg_quality(self) -> int | None:
+        """The IJG quality nearest to the file's luma quantisation table (the quality it was last saved
+        at, as the jpeg expert estimates it); None for a file that is not a JPEG."""
+        table = self.quantization.get(0) if self.is_jpeg else None
+        return None if table is None else nearest_quality_relative(np.asarray(table, np.float64))[0]
 
     @cached_property
     def featureless(self) -> bool:

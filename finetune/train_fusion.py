@@ -641,7 +641,7 @@ photos it called pristine camera JPEGs AI-generated (its card, "Limits"). This t
 seeing pristine `test` photos. What it changes on `val` is under Scores ("val verdicts", in-sample).
 
 A second rule by design (`HEAVY_COMPRESSION_BELOW`): on a JPEG last saved below quality 10 (the
-jpeg expert's estimate) all evidence against but provenance stops at the band's upper edge, scaled
+jpeg expert's estimate, or the same estimate from the file's table when a partial analysis skips it) all evidence against but provenance stops at the band's upper edge, scaled
 down together, so no such file is accused on its compression artefacts. Chosen on `val` before it was
 written: CASIA, faces_real and playground `val` photos re-saved at quality 5 were accused 27 times of
 88 untouched and caught 37 of 100 CASIA forgeries (no better than chance), at 8 accused 5 of 88 (over

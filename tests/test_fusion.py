@@ -161,6 +161,36 @@ def test_a_heavily_compressed_jpeg_is_not_accused_on_its_artefacts():
     assert tampered.label == "manipulated"
 
 
+def test_heavy_compression_is_known_without_the_jpeg_expert():
+    """A partial analysis that skips the jpeg expert still applies the rule from the file's own
+    quantisation table (`jpeg_quality`); where the jpeg expert ran, its estimate is the one read."""
+    from experts.fusion import HEAVY_COMPRESSION_RULE
+
+    strong = [evidence("copy_move", 1.0), evidence("ela", 1.0)]
+    assert fuse(strong, SHAPE, MODEL, jpeg_quality=5).rule == HEAVY_COMPRESSION_RULE
+    assert fuse(strong, SHAPE, MODEL, jpeg_quality=None).label == "manipulated"
+    ran = [*strong, evidence("jpeg", 0.0, last_quality_estimate=80)]
+    assert fuse(ran, SHAPE, MODEL, jpeg_quality=5).label == "manipulated"
+
+
+def test_a_partial_analysis_of_a_heavily_compressed_jpeg_names_the_rule(tmp_path):
+    from PIL import Image
+
+    from assistant.analysis import analyze
+    from experts.fusion import HEAVY_COMPRESSION_RULE
+    from experts.image import load_image
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
+    for quality, rule in ((5, HEAVY_COMPRESSION_RULE), (90, None)):
+        Image.fromarray(pixels).save(tmp_path / f"q{quality}.jpg", quality=quality)
+        image = load_image(tmp_path / f"q{quality}.jpg")
+        assert abs(image.last_jpeg_quality - quality) <= 1
+        assert analyze(image, ["noise"]).verdict.rule == rule
+    Image.fromarray(pixels).save(tmp_path / "lossless.png")
+    assert load_image(tmp_path / "lossless.png").last_jpeg_quality is None
+
+
 def test_weak_findings_alone_do_not_add_up_to_an_accusation():
     """Three experts each under 0.5 would together pass the band: with none convinced on its own, the
     evidence against stops at the band's upper edge and the verdict names the rule. One expert at 0.5
