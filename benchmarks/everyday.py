@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.everyday [--datasets kodak,exif_samples,skimage_data] [--variants ...]
 
 A photo reaches a fact-checker re-saved by a messaging app, shrunk by a social network, brightened,
-cropped, with a credit line burnt in, or as a screenshot of the post that carried it. None of that is
+cropped, with a credit line burnt in, as a screenshot of the post that carried it, enlarged,
+sharpened, through a colour filter, or turned a quarter. None of that is
 the kind of manipulation the product looks for, and a false accusation is its worst failure. Every
 pristine `test` photo (by default `clean_photos`, which nothing was trained or tuned on) goes through
 each handling below, and the table gives the fused verdicts: accused (manipulated or AI-generated),
@@ -17,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from assistant.analysis import analyze
 from assistant.evaluate import default_manifest, read_manifest
@@ -71,6 +72,33 @@ def credit_line(image: Image.Image) -> bytes:
     return jpeg_bytes(_rgb(image), 90, SUBSAMPLING)
 
 
+def enlarged(image: Image.Image) -> bytes:
+    """Enlarged 1.5x (bicubic), as a page or a screen at a higher pixel density shows it, JPEG 90."""
+    image = image.convert("RGB")
+    size = (round(image.width * 1.5), round(image.height * 1.5))
+    return jpeg_bytes(_rgb(image.resize(size, Image.Resampling.BICUBIC)), 90, SUBSAMPLING)
+
+
+def sharpened(image: Image.Image) -> bytes:
+    """An unsharp mask over the whole photo (radius 2, 80%), as editors and phones apply, JPEG 90."""
+    return jpeg_bytes(_rgb(image.convert("RGB").filter(ImageFilter.UnsharpMask(2, 80, 2))), 90, SUBSAMPLING)
+
+
+def warm_vignette(image: Image.Image) -> bytes:
+    """A photo filter: a warmer tone and a vignette darkening the corners by up to 45%, JPEG 90."""
+    rgb = np.asarray(image.convert("RGB"), np.float32)
+    height, width = rgb.shape[:2]
+    y, x = np.mgrid[:height, :width]
+    radius = np.hypot((x - width / 2) / (width / 2), (y - height / 2) / (height / 2)) / np.sqrt(2)
+    rgb = rgb * (1.0 - 0.45 * radius**2)[..., None] * np.array([1.06, 1.0, 0.9], np.float32)
+    return jpeg_bytes(np.clip(rgb, 0, 255).astype(np.uint8), 90, SUBSAMPLING)
+
+
+def turned(image: Image.Image) -> bytes:
+    """Turned a quarter, as a phone's editor saves it (pixels rotated, not an EXIF flag), JPEG 90."""
+    return jpeg_bytes(_rgb(image.convert("RGB").transpose(Image.Transpose.ROTATE_90)), 90, SUBSAMPLING)
+
+
 def screenshot(image: Image.Image) -> bytes:
     """A screenshot of a post that carries the photo: 1080 px wide, a header, text and counters around
     the photo (shrunk to 1020 px wide), PNG."""
@@ -101,6 +129,10 @@ HANDLING: dict[str, Callable[[Image.Image], bytes]] = {
     "cropped to the centre 80% (JPEG 90)": cropped,
     "credit line burnt in (JPEG 90)": credit_line,
     "screenshot of a post (PNG)": screenshot,
+    "enlarged 1.5x (JPEG 90)": enlarged,
+    "sharpened (JPEG 90)": sharpened,
+    "warm filter with vignette (JPEG 90)": warm_vignette,
+    "turned a quarter (JPEG 90)": turned,
 }
 
 
@@ -111,7 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--datasets", default=DATASETS, help="comma-separated `test` data sets of pristine photos"
     )
-    parser.add_argument("--variants", default="", help="comma-separated handling numbers (1-6; default all)")
+    parser.add_argument("--variants", default="", help="comma-separated handling numbers (1-10; default all)")
     parser.add_argument("--as-stored", action="store_true", help="also the files as stored")
     args = parser.parse_args()
     items = [
