@@ -21,8 +21,9 @@ tampered provenance signal prosecutes with a fixed weight, an intact one defends
 "supports_authentic"), and it can lower suspicion a great deal but not erase strong evidence.
 
 The fused heatmap is a pixel-wise logistic model over the localising experts' heatmaps, fitted on
-CASIA `val` and rescaled so that 0.5 is the threshold that gave the best pixel-F1 there; the verdict's
-mask is that heatmap at 0.5.
+CASIA `val` and rescaled so that 0.5 is the threshold that gave the best pixel-F1 there, raised in an
+image with a strong finding to a share of its peak (also chosen there: `marking_threshold`); the
+verdict's mask is that heatmap at 0.5.
 
 An expert the image model weighs but that was not run at all (a partial analysis, `--experts ...`)
 counts at its typical contribution on `val`, not as one that looked and found nothing: what was not
@@ -156,6 +157,7 @@ class FusionModel:
     pixel_weight: tuple[float, ...] = ()
     pixel_bias: float = 0.0
     pixel_threshold: float = 0.5  # of the pixel model's probability; rescaled to 0.5 in the heatmap
+    pixel_relative: float = 0.0  # and in each image at least this share of its peak (`marking_threshold`)
     uncertain_band: tuple[float, float] = UNCERTAIN_BAND
     source: str = "fitted"
     notes: dict = field(default_factory=dict)
@@ -164,7 +166,8 @@ class FusionModel:
         return self.image_models.get(context_of(shape)) or self.image_models[PHOTO]
 
     def heatmap(self, evidence: Sequence[Evidence], shape: tuple[int, int]) -> np.ndarray | None:
-        """The fused heatmap (float32 HxW in [0, 1], 0.5 = the fitted threshold); None without maps."""
+        """The fused heatmap (float32 HxW in [0, 1], 0.5 = the image's marking threshold); None without
+        maps."""
         maps = {
             e.expert: e.heatmap
             for e in evidence
@@ -177,7 +180,7 @@ class FusionModel:
             if name in maps:
                 logit += np.float32(weight) * maps[name]
         probability = 1.0 / (1.0 + np.exp(-logit))
-        t = self.pixel_threshold
+        t = marking_threshold(probability, self.pixel_threshold, self.pixel_relative)
         rescaled = np.where(probability < t, 0.5 * probability / t, 0.5 + 0.5 * (probability - t) / (1 - t))
         return np.clip(rescaled, 0.0, 1.0).astype(np.float32)
 
@@ -198,6 +201,7 @@ class FusionModel:
             "pixel_weight": torch.tensor(self.pixel_weight or (0.0,)),
             "pixel_bias": torch.tensor([self.pixel_bias]),
             "pixel_threshold": torch.tensor([self.pixel_threshold]),
+            "pixel_relative": torch.tensor([self.pixel_relative]),
             "uncertain_band": torch.tensor(self.uncertain_band),
         }
         metadata = {
@@ -231,6 +235,7 @@ class FusionModel:
             pixel_bias=values("pixel_bias")[0],
             # Settings, not fitted numbers: undo float32's rounding (0.35 reads 0.3499999940395355).
             pixel_threshold=round(values("pixel_threshold")[0], 6),
+            pixel_relative=round(values("pixel_relative")[0], 6) if "pixel_relative" in tensors else 0.0,
             uncertain_band=tuple(round(v, 6) for v in values("uncertain_band")[:2]),
             source=source,
             notes=json.loads(metadata.get("notes", "{}")),
@@ -318,6 +323,13 @@ def fuse(
         mask = heatmap >= 0.5 if heatmap is not None else None
         mask = mask if mask is not None and mask.any() else None
     return Verdict(label, round(probability, 4), tuple(drivers), mask, band, rule)
+
+
+def marking_threshold(probability: np.ndarray, threshold: float, relative: float) -> float:
+    """The pixel model's probability from which a pixel of this image is marked: the fitted threshold,
+    raised where the image has a strong peak to `relative` of that peak, so that the weak halo around a
+    strong finding is not marked with it."""
+    return float(min(max(threshold, relative * float(probability.max(initial=0.0))), 0.99))
 
 
 def fused_heatmap(evidence: Sequence[Evidence], shape: tuple[int, int]) -> np.ndarray | None:

@@ -117,6 +117,29 @@ def test_localised_evidence_gives_the_fused_mask_at_half():
     assert fused.dtype == np.float32 and fused.min() >= 0 and fused.max() <= 1
 
 
+def test_a_strong_finding_does_not_mark_its_weak_halo():
+    """With a relative share, a pixel is marked only where the pixel model reaches that share of the
+    image's peak as well as the threshold: the faint ring around a strong region drops out, a weak
+    region alone is marked as before, and the heatmap's 0.5 is that image's marking threshold."""
+    from experts.fusion import marking_threshold
+
+    core, halo = np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32)
+    halo[2:12, 3:15] = 0.58  # the pixel model's probability there: sigmoid(-4 + 8 * 0.58) = 0.65
+    core[4:10, 5:13] = 1.0  # 0.98
+    strong = np.maximum(core, halo)
+    plain = MODEL.heatmap([evidence("copy_move", 1.0, strong)], SHAPE)
+    assert np.array_equal(plain >= 0.5, strong > 0)
+    relative = replace(MODEL, pixel_threshold=0.3, pixel_relative=0.8)
+    marked = relative.heatmap([evidence("copy_move", 1.0, strong)], SHAPE) >= 0.5
+    assert np.array_equal(marked, core > 0)
+    weak = relative.heatmap([evidence("copy_move", 1.0, halo)], SHAPE) >= 0.5
+    assert np.array_equal(weak, halo > 0)  # its own peak: 0.8 * 0.65 = 0.52, the ring is marked
+    probability = np.array([[0.1, 0.9]])
+    assert marking_threshold(probability, 0.3, 0.0) == 0.3
+    assert marking_threshold(probability, 0.3, 0.5) == pytest.approx(0.45)
+    assert marking_threshold(np.ones((2, 2)), 0.3, 1.0) == 0.99  # something can always be marked
+
+
 def test_the_kind_of_fake_follows_the_experts_that_accuse():
     ai = fuse([evidence("metadata", 0.95, indicates="ai_generated"), evidence("ela", 0.1)], SHAPE, MODEL)
     assert ai.label == "ai_generated"
@@ -239,6 +262,11 @@ def test_model_round_trips_through_tensors():
     assert image.weight == pytest.approx(expected.weight) and image.temperature == pytest.approx(2.0)
     assert again.uncertain_band == (0.35, 0.65)  # exactly the setting, as reports print it
     assert image.typical == ()  # a file without typical contributions (before stop 23) reads as none
+    assert again.pixel_relative == 0.0
+    shared = FusionModel.from_tensors(*replace(MODEL, pixel_relative=0.3).to_tensors(), "fitted")
+    assert shared.pixel_relative == 0.3
+    older = {k: v for k, v in tensors.items() if k != "pixel_relative"}  # a file from before stop 35
+    assert FusionModel.from_tensors(older, metadata, "fitted").pixel_relative == 0.0
     typical = replace(MODEL, image_models={PHOTO: replace(expected, typical=(0.5, -0.25, 1.0, 0.0))})
     again = FusionModel.from_tensors(*typical.to_tensors(), "fitted")
     assert again.image_models[PHOTO].typical == pytest.approx((0.5, -0.25, 1.0, 0.0))
@@ -416,3 +444,52 @@ def test_mean_scores_show_an_experts_scale_per_data_set_and_class():
     records += [record("faces_real", False, 0.6), record("faces_real", False, None)]
     lines = mean_scores(records, ["ela"])
     assert lines == {"ela mean val score, authentic / fake": "casia1 0.30 / 0.90, faces_real 0.60 / -"}
+
+
+def _casia_records(count: int = 12) -> list[dict]:
+    """CASIA-like records whose copy-move map has a core (the forgery) in a weaker halo, some strong,
+    some weak."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(count):
+        truth = np.zeros((24, 32), bool)
+        y, x = rng.integers(4, 12), rng.integers(4, 16)
+        truth[y : y + 6, x : x + 8] = True
+        heatmap = np.zeros(truth.shape, np.float32)
+        strength = 1.0 if i % 2 else 0.5  # no one threshold parts every core from every halo
+        heatmap[y - 3 : y + 9, x - 3 : x + 11] = 0.6 * strength
+        heatmap[truth] = strength
+        record = {
+            "dataset": "casia1",
+            "positive": True,
+            "variant": "raw",
+            "truth": truth,
+            "manipulation": "splicing",
+        }
+        records.append(record | {"maps": {"copy_move": heatmap}, "path": f"casia1/Tp/{i}.jpg"})
+    return records
+
+
+def test_the_pixel_fit_chooses_a_relative_share_that_drops_the_halo():
+    from finetune.train_fusion import FusionConfig, fit_pixel_model
+
+    records = _casia_records()
+    ones = np.ones(len(records))
+    fields, scores = fit_pixel_model(FusionConfig(), records, ones, ones)
+    assert fields["pixel_experts"] == ("copy_move",) and fields["pixel_relative"] > 0.0
+    relative = scores[f"CASIA val raw mean pixel-F1, relative share {fields['pixel_relative']}"]
+    assert relative == pytest.approx(1.0)
+    assert relative > scores["CASIA val raw mean pixel-F1, relative share 0.0"]
+    plain, _ = fit_pixel_model(FusionConfig(relative_shares=()), records, ones, ones)
+    assert plain["pixel_relative"] == 0.0
+
+
+@pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
+def test_a_pixel_only_refit_keeps_the_shipped_image_models_and_their_scores():
+    from finetune.train_fusion import FusionConfig, refit_pixel_model
+
+    model, scores = refit_pixel_model(FusionConfig(datasets=("casia1",)), _casia_records())
+    assert model.image_models == fusion_model().image_models
+    assert model.pixel_experts == ("copy_move",) and model.pixel_relative > 0.0
+    assert "casia1 val AUC (out-of-fold)" in scores  # kept from the card, measured for these models
+    assert scores["pixel relative share (best mean pixel-F1 on CASIA val at that threshold)"] > 0.0
