@@ -21,9 +21,10 @@ tampered provenance signal prosecutes with a fixed weight, an intact one defends
 "supports_authentic"), and it can lower suspicion a great deal but not erase strong evidence.
 
 The fused heatmap is a pixel-wise logistic model over the localising experts' heatmaps, fitted on
-CASIA `val` and rescaled so that 0.5 is the threshold that gave the best pixel-F1 there, raised in an
-image with a strong finding to a share of its peak (also chosen there: `marking_threshold`); the
-verdict's mask is that heatmap at 0.5.
+CASIA `val`, smoothed a little (`smoothed`), and rescaled so that 0.5 is the threshold that gave the
+best pixel-F1 there, raised in an image with a strong finding to a share of its peak
+(`marking_threshold`; smoothing and share also chosen there); the verdict's mask is that heatmap at
+0.5.
 
 An expert the image model weighs but that was not run at all (a partial analysis, `--experts ...`)
 counts at its typical contribution on `val`, not as one that looked and found nothing: what was not
@@ -62,6 +63,7 @@ UNCERTAIN_BAND = (0.35, 0.65)
 MIN_EXPERTS_TO_CLEAR = 2  # "authentic" needs at least this many experts able to examine the image
 MASK_MIN_SCORE = 0.5  # an expert's own mask is worth naming when its score is this high
 WEIGHTS_NAME = "fusion"
+SMOOTHING_SIDE = 256  # `smoothed` works on a copy of the pixel model's probability at most this long
 # The kinds of image with their own image model (context_of): a thumbnail has a short side of at most
 # THUMBNAIL_SIDE.
 PHOTO, THUMBNAIL = "photo", "thumbnail"
@@ -158,6 +160,7 @@ class FusionModel:
     pixel_bias: float = 0.0
     pixel_threshold: float = 0.5  # of the pixel model's probability; rescaled to 0.5 in the heatmap
     pixel_relative: float = 0.0  # and in each image at least this share of its peak (`marking_threshold`)
+    pixel_smoothing: float = 0.0  # Gaussian sigma over the probability, a share of the longer side
     uncertain_band: tuple[float, float] = UNCERTAIN_BAND
     source: str = "fitted"
     notes: dict = field(default_factory=dict)
@@ -179,7 +182,7 @@ class FusionModel:
         for name, weight in zip(self.pixel_experts, self.pixel_weight, strict=True):
             if name in maps:
                 logit += np.float32(weight) * maps[name]
-        probability = 1.0 / (1.0 + np.exp(-logit))
+        probability = smoothed(1.0 / (1.0 + np.exp(-logit)), self.pixel_smoothing)
         t = marking_threshold(probability, self.pixel_threshold, self.pixel_relative)
         rescaled = np.where(probability < t, 0.5 * probability / t, 0.5 + 0.5 * (probability - t) / (1 - t))
         return np.clip(rescaled, 0.0, 1.0).astype(np.float32)
@@ -202,6 +205,7 @@ class FusionModel:
             "pixel_bias": torch.tensor([self.pixel_bias]),
             "pixel_threshold": torch.tensor([self.pixel_threshold]),
             "pixel_relative": torch.tensor([self.pixel_relative]),
+            "pixel_smoothing": torch.tensor([self.pixel_smoothing]),
             "uncertain_band": torch.tensor(self.uncertain_band),
         }
         metadata = {
@@ -236,6 +240,7 @@ class FusionModel:
             # Settings, not fitted numbers: undo float32's rounding (0.35 reads 0.3499999940395355).
             pixel_threshold=round(values("pixel_threshold")[0], 6),
             pixel_relative=round(values("pixel_relative")[0], 6) if "pixel_relative" in tensors else 0.0,
+            pixel_smoothing=round(values("pixel_smoothing")[0], 6) if "pixel_smoothing" in tensors else 0.0,
             uncertain_band=tuple(round(v, 6) for v in values("uncertain_band")[:2]),
             source=source,
             notes=json.loads(metadata.get("notes", "{}")),
@@ -323,6 +328,21 @@ def fuse(
         mask = heatmap >= 0.5 if heatmap is not None else None
         mask = mask if mask is not None and mask.any() else None
     return Verdict(label, round(probability, 4), tuple(drivers), mask, band, rule)
+
+
+def smoothed(probability: np.ndarray, share: float) -> np.ndarray:
+    """The pixel model's probability blurred (Gaussian, sigma `share` of the longer side, on a copy of
+    at most SMOOTHING_SIDE px), so that a region is marked as a whole rather than in specks."""
+    if share <= 0:
+        return probability
+    import cv2
+
+    height, width = probability.shape
+    scale = min(1.0, SMOOTHING_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(probability.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), share * max(size))
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def marking_threshold(probability: np.ndarray, threshold: float, relative: float) -> float:

@@ -262,11 +262,13 @@ def test_model_round_trips_through_tensors():
     assert image.weight == pytest.approx(expected.weight) and image.temperature == pytest.approx(2.0)
     assert again.uncertain_band == (0.35, 0.65)  # exactly the setting, as reports print it
     assert image.typical == ()  # a file without typical contributions (before stop 23) reads as none
-    assert again.pixel_relative == 0.0
+    assert again.pixel_relative == 0.0 and again.pixel_smoothing == 0.0
+    smooth = FusionModel.from_tensors(*replace(MODEL, pixel_smoothing=0.01).to_tensors(), "fitted")
+    assert smooth.pixel_smoothing == 0.01
     shared = FusionModel.from_tensors(*replace(MODEL, pixel_relative=0.3).to_tensors(), "fitted")
     assert shared.pixel_relative == 0.3
-    older = {k: v for k, v in tensors.items() if k != "pixel_relative"}  # a file from before stop 35
-    assert FusionModel.from_tensors(older, metadata, "fitted").pixel_relative == 0.0
+    older = {k: v for k, v in tensors.items() if k not in ("pixel_relative", "pixel_smoothing")}
+    assert FusionModel.from_tensors(older, metadata, "fitted").pixel_relative == 0.0  # before stop 35
     typical = replace(MODEL, image_models={PHOTO: replace(expected, typical=(0.5, -0.25, 1.0, 0.0))})
     again = FusionModel.from_tensors(*typical.to_tensors(), "fitted")
     assert again.image_models[PHOTO].typical == pytest.approx((0.5, -0.25, 1.0, 0.0))
@@ -475,13 +477,27 @@ def test_the_pixel_fit_chooses_a_relative_share_that_drops_the_halo():
 
     records = _casia_records()
     ones = np.ones(len(records))
-    fields, scores = fit_pixel_model(FusionConfig(), records, ones, ones)
+    fields, scores = fit_pixel_model(FusionConfig(smoothing_shares=()), records, ones, ones)
     assert fields["pixel_experts"] == ("copy_move",) and fields["pixel_relative"] > 0.0
-    relative = scores[f"CASIA val raw mean pixel-F1, relative share {fields['pixel_relative']}"]
-    assert relative == pytest.approx(1.0)
-    assert relative > scores["CASIA val raw mean pixel-F1, relative share 0.0"]
-    plain, _ = fit_pixel_model(FusionConfig(relative_shares=()), records, ones, ones)
-    assert plain["pixel_relative"] == 0.0
+    plain = next(value for key, value in scores.items() if "raw mean pixel-F1 without" in key)
+    shipped = scores["CASIA val raw mean pixel-F1, shipped"]
+    assert shipped == pytest.approx(1.0) and shipped > plain
+    unchosen, _ = fit_pixel_model(FusionConfig(relative_shares=(), smoothing_shares=()), records, ones, ones)
+    assert unchosen["pixel_relative"] == 0.0 and unchosen["pixel_smoothing"] == 0.0
+
+
+def test_smoothing_keeps_a_region_and_drops_a_speck():
+    from experts.fusion import smoothed
+
+    probability = np.full((300, 400), 0.1, np.float32)
+    probability[100:200, 100:250] = 0.9
+    probability[20, 350] = 0.9  # one pixel: a speck, not a region
+    soft = smoothed(probability, 0.01)
+    assert soft.shape == probability.shape and soft.dtype == np.float32
+    assert soft[150, 175] > 0.85 and soft[20, 350] < 0.2
+    assert smoothed(probability, 0.0) is probability
+    large = smoothed(np.full((3000, 4000), 0.3, np.float32), 0.01)
+    assert large.shape == (3000, 4000) and np.allclose(large, 0.3, atol=1e-4)
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
