@@ -96,13 +96,13 @@ class FusionConfig(RecipeConfig):
     temperature_by_context: bool = True
     pixels_per_image: int = 2000
     # Shares of an image's peak tried as its marking threshold's floor (experts.fusion.marking_threshold),
-    # after the threshold; the best on CASIA val is shipped. 5-fold on val (pixel model and choices
-    # refitted per fold) before it shipped, raw / q90 / q70 pixel-F1: 0.613 / 0.601 / 0.545 without,
-    # 0.632 / 0.602 / 0.557 with 0.3, the share every fold chose.
+    # after the threshold; the best on CASIA val is shipped. 5-fold on val (`python -m
+    # benchmarks.fused_marking`), raw / q90 / q70 pixel-F1: 0.613 / 0.601 / 0.546 without, 0.632 /
+    # 0.603 / 0.558 with 0.3, the share every fold chose.
     relative_shares: tuple[float, ...] = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
     # Smoothings of the pixel model's probability tried (experts.fusion.smoothed; sigma as a share of
     # the longer side), each with its own threshold and share; the best on CASIA val is shipped. 5-fold
-    # on val as above, with the share: 0.633 / 0.603 / 0.558 unsmoothed, 0.645 / 0.616 / 0.566 at 0.01.
+    # on val as above: 0.638 / 0.613 / 0.564 with both (the folds chose 0.01-0.02).
     smoothing_shares: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02)
     # Refit only the pixel model (the fused heatmap) and keep the shipped image models, so a change to
     # the maps leaves every verdict as measured (a full refit on today's experts accuses one more
