@@ -460,8 +460,9 @@ GRAPHIC_CAVEAT = (
 # The caveat of a verdict whose weak findings the fusion held because no expert was convinced on its own
 # (its no-witness rule).
 NO_WITNESS_CAVEAT = (
-    "The evidence is weak either way: no expert is convinced on its own (each scores under 0.5), and weak "
-    "findings that merely add up make no accusation; treat this result as uncertain."
+    "The evidence is weak either way: no expert is convinced on its own (each scores under 0.5, the "
+    "manipulation localiser under 0.8), and weak findings that merely add up make no accusation; treat "
+    "this result as uncertain."
 )
 
 

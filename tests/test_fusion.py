@@ -237,6 +237,27 @@ def test_weak_findings_alone_do_not_add_up_to_an_accusation():
     assert clean.label == "authentic" and clean.rule is None
 
 
+def test_the_localiser_is_a_witness_only_from_its_own_witness_score():
+    """A localiser score of 0.7 is no conviction (29% of untouched val photos pass 0.5): beside weak
+    findings the evidence is held; from WITNESS_SCORES["manipulation"] on it accuses."""
+    from experts.fusion import NO_WITNESS_RULE, WITNESS_SCORE, WITNESS_SCORES
+
+    image = replace(
+        MODEL.image_models[PHOTO],
+        experts=("ela", "copy_move", "manipulation"),
+        presence=(0.0, 0.0, 0.0),
+        weight=(3.0, 6.0, 5.0),
+    )
+    model = replace(MODEL, image_models={PHOTO: image})
+    bar = WITNESS_SCORES["manipulation"]
+    assert bar > WITNESS_SCORE
+    weak = [evidence("ela", 0.3), evidence("copy_move", 0.4)]
+    held = fuse([*weak, evidence("manipulation", bar - 0.1)], SHAPE, model)
+    assert held.label == "uncertain" and held.rule == NO_WITNESS_RULE
+    accused = fuse([*weak, evidence("manipulation", bar)], SHAPE, model)
+    assert accused.label == "manipulated" and accused.rule is None
+
+
 def test_nothing_clears_a_graphic_but_evidence_still_accuses_it():
     """An expert that declines a graphic says so (details "graphic"): where the evidence would clear
     the image, it is uncertain at the band's lower edge instead; strong evidence still accuses."""
