@@ -760,6 +760,15 @@ caught, none of 117 authentic accused); the 57 pristine photos: the same 4 accus
 witness (copy-move 1.00 and 0.99 on the grass and gravel textures, which do repeat patches; the
 localiser at 0.83 and 0.93); faces 0 of 26 accused; CIFAKE and playground unchanged.
 
+Since stop 35 the manipulation localiser is a witness from 0.8, not 0.5 (`WITNESS_SCORES`): its 0.5
+is reached by 29% of the untouched `val` photos (CASIA 27%, real faces 42%), its 0.8 by 4%. On `val`
+no verdict changed at 0.7 or 0.8 (at 0.85, 3 CASIA forgeries caught would have been held). It was
+set after the everyday benchmark's enlarged Kodak photos (`test`) were accused on the localiser at
+0.72 and 0.63 with weak company (`python -m benchmarks.everyday`: enlarged 1.5x, 5 -> 3 accused, both
+now held); on `test` (`--out reports/s35c-...`) CASIA forgeries caught 92 -> 91 as stored and 50 -> 48
+at q70 (61 at q90 and 24 at x0.5 unchanged), ECE 0.122 -> 0.123; pristine photos, faces, CIFAKE and
+the playground unchanged.
+
 An expert the model weighs that was not run at all (`forensics analyze --experts ...`) counts at its
 typical contribution t, c * presence + w * score averaged over the fit's `val` images with the fit's
 weights, not as an expert that looked and found nothing: a partial analysis leans neither way on what
