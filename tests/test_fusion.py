@@ -522,8 +522,11 @@ def test_smoothing_keeps_a_region_and_drops_a_speck():
 
 
 @pytest.mark.skipif(not available("fusion"), reason="experts/weights/fusion.safetensors not shipped")
-def test_a_pixel_only_refit_keeps_the_shipped_image_models_and_their_scores():
+def test_a_pixel_only_refit_keeps_the_shipped_image_models_and_their_scores(monkeypatch):
+    from finetune import train_fusion
     from finetune.train_fusion import FusionConfig, refit_pixel_model
+
+    monkeypatch.setattr(train_fusion, "manipulation_mix", lambda datasets, split="train": {})  # no data here
 
     model, scores = refit_pixel_model(FusionConfig(datasets=("casia1",)), _casia_records())
     assert model.image_models == fusion_model().image_models
