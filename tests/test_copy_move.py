@@ -157,6 +157,34 @@ def test_lettering_around_a_photo_in_a_post_is_not_a_clone():
     assert EXPERT.analyze(image).score < 0.5
 
 
+def _photographed_page() -> np.ndarray:
+    """scikit-image's photograph of a printed page, enlarged 1.5x (PIL bicubic) as a screen shows it:
+    "markers" is printed twice, one line apart."""
+    from PIL import Image
+    from skimage import data
+
+    page = Image.fromarray(data.page()).convert("RGB")
+    return np.asarray(page.resize((576, 286), Image.Resampling.BICUBIC))
+
+
+def test_a_word_printed_twice_on_a_photographed_page_is_not_a_clone():
+    """The two "markers" matched at 0.88 until copies that are both a run of glyphs in a line of text
+    stopped counting."""
+    assert EXPERT.analyze(load_image(jpeg_bytes(_photographed_page(), 90))).score < 0.5
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "radius"), [((150, 110), (420, 200), 30), ((200, 100), (450, 100), 25)]
+)
+def test_a_patch_of_text_cloned_on_a_page_is_still_found(source, target, radius):
+    """The lettering rule drops a repeated word, not a cloned patch of the page: its copies cut glyphs
+    and lines off."""
+    forged, _, cloned = clone_disc(_photographed_page(), source, target, radius, 0, 1)
+    evidence = EXPERT.analyze(load_image(jpeg_bytes(forged, 90)))
+    assert evidence.score >= 0.5
+    assert (evidence.mask & cloned).sum() / cloned.sum() >= 0.6
+
+
 def test_deterministic(sample_evidence):
     sample, first = sample_evidence
     second = EXPERT.analyze(load_image(sample.data))
