@@ -88,6 +88,7 @@ class _Duplication:
     correlation: float  # median local correlation over the textured matched pixels of region B
     distinctive_fraction: float  # matched pixels of B that pin down a position, as a share of the image
     strength: float
+    printed_word: bool = False  # both copies are runs of glyphs in a line of text: not counted
 
 
 @dataclass(frozen=True)
@@ -374,9 +375,8 @@ def _verify(gray: np.ndarray, distinctive: np.ndarray, proposal: _Proposal) -> _
         (width, height),
         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
     ).astype(bool)
-    if strength > 0.0 and mask_a.any() and _is_lettering(gray, mask_a) and _is_lettering(gray, mask_b):
-        return None
-    return _Duplication(proposal, mask_a, mask_b, correlation, distinctive_fraction, strength)
+    printed_word = strength > 0.0 and _is_lettering(gray, mask_a) and _is_lettering(gray, mask_b)
+    return _Duplication(proposal, mask_a, mask_b, correlation, distinctive_fraction, strength, printed_word)
 
 
 def _matched_region(
@@ -470,6 +470,8 @@ def _is_periodic(gray: np.ndarray, matrix: np.ndarray, matched: np.ndarray) -> b
 
 def _is_lettering(gray: np.ndarray, mask: np.ndarray) -> bool:
     """Whether the copy in `mask` is a run of glyphs within a line of printed text (LETTER_* above)."""
+    if not mask.any():
+        return False
     x0, y0, x1, y1 = _bbox(mask)
     height, width = y1 - y0, x1 - x0
     left, right = max(0, x0 - 2 * width), min(gray.shape[1], x1 + 2 * width)
@@ -617,10 +619,28 @@ def _summary(top: dict, others: int, width: int, height: int) -> str:
     return text
 
 
+def _printed_words(count: int) -> str:
+    return "a printed word" if count == 1 else f"{count} printed words"
+
+
+def _apart_from(printed_words: int) -> str:
+    if not printed_words:
+        return ""
+    return f", apart from {_printed_words(printed_words)}, as printed text repeats its words"
+
+
+def _printed_words_note(printed_words: int) -> str:
+    if not printed_words:
+        return ""
+    return f" Not counted: {_printed_words(printed_words)} found twice (printed text repeats its words)."
+
+
 def _evidence(
     expert: CopyMove, image: LoadedImage, found: list[_Duplication], proposals: list[_Proposal], scale: float
 ) -> Evidence:
     shape = (image.height, image.width)
+    printed_words = sum(d.printed_word for d in found)
+    found = [d for d in found if not d.printed_word]
     keypoint_count = sum(p.method == "keypoints" for p in proposals)
     details: dict = {
         "indicates": "manipulated",
@@ -628,6 +648,7 @@ def _evidence(
         "candidates_keypoints": keypoint_count,
         "candidates_blocks": len(proposals) - keypoint_count,
         "analysis_scale": round(scale, 4),
+        "printed_words_not_counted": printed_words,
     }
     records = [r for r in (_record(d, shape, scale) for d in found[:3]) if r is not None]
     if not records:
@@ -641,8 +662,8 @@ def _evidence(
             score=0.0,
             applicable=True,
             summary=(
-                f"No region of the image appears twice ({reason}). This is weak evidence of "
-                "authenticity: copy-move is only one kind of edit."
+                f"No region of the image appears twice ({reason}){_apart_from(printed_words)}. This is weak "
+                "evidence of authenticity: copy-move is only one kind of edit."
             ),
             heatmap=np.zeros(shape, np.float32),
             mask=np.zeros(shape, bool),
@@ -666,7 +687,8 @@ def _evidence(
         expert=expert.name,
         score=records[0]["strength"],
         applicable=True,
-        summary=_summary(records[0], len(records) - 1, image.width, image.height),
+        summary=_summary(records[0], len(records) - 1, image.width, image.height)
+        + _printed_words_note(printed_words),
         heatmap=resize_map(heat_small, shape),
         mask=resize_map(strong, shape),
         regions=tuple(regions),

@@ -170,7 +170,10 @@ def _photographed_page() -> np.ndarray:
 def test_a_word_printed_twice_on_a_photographed_page_is_not_a_clone():
     """The two "markers" matched at 0.88 until copies that are both a run of glyphs in a line of text
     stopped counting."""
-    assert EXPERT.analyze(load_image(jpeg_bytes(_photographed_page(), 90))).score < 0.5
+    evidence = EXPERT.analyze(load_image(jpeg_bytes(_photographed_page(), 90)))
+    assert evidence.score < 0.5
+    assert evidence.details["printed_words_not_counted"] == 1
+    assert "apart from a printed word" in evidence.summary
 
 
 @pytest.mark.parametrize(
