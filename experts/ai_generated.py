@@ -424,7 +424,8 @@ class AIGeneratedImage:
     name = "ai_generated"
     # 3: ships the batch-norm statistics of its frozen layers; 4: three thumbnail networks; 5: declines a
     # featureless image; 6: judges a thumbnail mirrored as well
-    version = "6"
+    # 7: declines random noise
+    version = "7"
     description = (
         "AI-generated image detector: a learned probe on EfficientNet-Lite0 features plus a small CNN on "
         "upsampling traces between neighbouring pixels (and, on thumbnails, a fine-tuned network); the "
@@ -440,8 +441,8 @@ class AIGeneratedImage:
                 f"detector needs at least {MIN_SIDE}x{MIN_SIDE} pixels.",
                 self.version,
             )
-        if image.featureless:
-            return nothing_to_examine(self.name, self.version)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         models = shipped_models()
         prediction = predict(models, image.pixels)
         heatmap = patch_heatmap(prediction, (height, width))

@@ -185,12 +185,13 @@ def graphic_declined(expert: str, version: str, why: str) -> Evidence:
     )
 
 
-def nothing_to_examine(expert: str, version: str) -> Evidence:
-    """An expert's answer on a featureless image (LoadedImage.featureless): finding nothing there is
-    not evidence of authenticity."""
+def nothing_to_examine(expert: str, version: str, what: str, **details: Any) -> Evidence:
+    """An expert's answer on an image with nothing to examine (LoadedImage.nothing_to_examine, `what`:
+    nearly one flat colour, or random noise): finding nothing there is not evidence of authenticity."""
     return not_applicable(
         expert,
-        "The image is nearly one flat colour, so there is no detail for this expert to examine; finding "
-        "nothing here says nothing about authenticity.",
+        f"The image is {what} for this expert to examine; finding nothing here says nothing about "
+        "authenticity.",
         version,
+        **details,
     )

@@ -98,7 +98,8 @@ class _Duplication:
 class CopyMove:
     name = "copy_move"
     # 2: declines a featureless image; 3: declines a graphic; 4: lettering on a page; 5: printed words
-    version = "5"
+    # 6: declines random noise
+    version = "6"
     description = (
         "Copy-move detection: finds a region duplicated within the same image (SIFT keypoints with "
         "RANSAC, DCT block matching, pixel-level check) and marks both copies."
@@ -118,8 +119,8 @@ class CopyMove:
                 f"copy-move detection needs at least {MIN_SIDE} pixels on each side.",
                 self.version,
             )
-        if image.featureless:
-            return nothing_to_examine(self.name, self.version)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         if image.graphic:
             return graphic_declined(
                 self.name,

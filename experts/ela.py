@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from experts.base import Evidence, ExpertError, graphic_declined, not_applicable
+from experts.base import Evidence, ExpertError, graphic_declined, not_applicable, nothing_to_examine
 from experts.image import LoadedImage
 from experts.jpeg_tables import nearest_quality_absolute
 from experts.maps import mask_from_heatmap, ratio_phrase, regions_from_mask, resize_map, working_copy
@@ -76,8 +76,9 @@ def _grid_aligned_crop(pixels: np.ndarray, max_side: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ErrorLevelAnalysis:
     name = "ela"
-    version = "4"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic;
+    version = "5"  # 2: declines files saved below its lowest re-save quality; 3: LoadedImage.graphic;
     # 4: a graphic is also a few flat colours with antialiased edges, or text on a plain background
+    # 5: declines random noise
     description = (
         "Error level analysis: re-saves the image as JPEG and maps regions that re-compress with more "
         "error than the rest, a sign of a different compression history."
@@ -113,6 +114,8 @@ class ErrorLevelAnalysis:
         if image.graphic:
             why = "error level analysis cannot tell compression history from flat areas."
             return graphic_declined(self.name, self.version, why)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         luma_table = image.quantization.get(0)
         file_quality = nearest_quality_absolute(luma_table) if luma_table is not None else 100
         if file_quality - 3 < min(self.qualities):

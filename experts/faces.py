@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from experts.base import Evidence, ModelNotAvailableError, Region, not_applicable
+from experts.base import Evidence, ModelNotAvailableError, Region, not_applicable, nothing_to_examine
 from experts.image import LoadedImage
 from experts.maps import working_copy
 
@@ -295,7 +295,7 @@ def classify_crops(crops: np.ndarray, flip_average: bool = True) -> np.ndarray:
 @dataclass(frozen=True)
 class DeepfakeFaces:
     name = "faces"
-    version = "1"
+    version = "2"  # 2: declines random noise (BlazeFace finds faces in it)
     description = (
         "Deepfake faces: finds faces, aligns them and judges each one real, GAN-generated or blended into "
         "the photo (face swap), with a box and probability per face."
@@ -306,6 +306,8 @@ class DeepfakeFaces:
     flip_average: bool = True  # average the classifier over the crop and its mirror image
 
     def analyze(self, image: LoadedImage) -> Evidence:
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what, faces=[])
         faces = detect_faces(image.pixels, self.min_score, min_eye_distance=self.min_eye_distance)
         if not faces:
             return not_applicable(

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.fft
 from scipy.ndimage import maximum_filter
 
-from experts.base import Evidence, not_applicable
+from experts.base import Evidence, not_applicable, nothing_to_examine
 from experts.image import LoadedImage, luma
 
 TILE = 128
@@ -224,7 +224,7 @@ def score_from_strength(z: float) -> float:
 @dataclass(frozen=True)
 class FrequencyFingerprint:
     name = "frequency"
-    version = "1"
+    version = "2"  # 2: declines random noise
     description = (
         "Frequency fingerprint: periodic peaks in the noise spectrum left by the upsampling layers of "
         "image generators (a hint of AI generation; resizing leaves similar traces)."
@@ -239,6 +239,8 @@ class FrequencyFingerprint:
                 f"{SMALL_TILE}x{SMALL_TILE} pixels.",
                 self.version,
             )
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         tile = TILE if min(height, width) >= TILE else SMALL_TILE
         residual = residual_tiles(image.pixels, tile)
         if float(residual.std()) < 0.05:

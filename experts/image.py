@@ -34,6 +34,11 @@ try:  # HEIC/HEIF (phone photos) through pillow-heif, when it is installed (it i
 except ImportError:  # pragma: no cover - a partial install: HEIF files get the "not supported" error
     pass
 FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
+# Correlation of neighbouring pixels' luma (the larger of across and down) below which an image is random
+# noise, not a scene: noise gives 0.00 as stored and -0.04-0.01 re-saved at JPEG 30-100; the 2,890 images
+# of ../shared/data at least 0.44 as stored (a CASIA texture; 32x32 CIFAKE thumbnails 0.67) and 0.24
+# halved (noise halved: 0.16, judged as an image).
+NOISE_CORRELATION = 0.1
 GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, not a photo
 # ... or the share of its pixels that its GRAPHIC_COLOURS most frequent exact colours cover, at or above
 # which it is: an antialiased chart or silhouette has hundreds of levels along its edges, but 98-99% of
@@ -79,6 +84,18 @@ def is_graphic(rgb: np.ndarray) -> bool:
     along = np.clip(rest @ (ink / length), 0.0, length)
     off_blend = np.linalg.norm(rest - along[:, None] * (ink / length), axis=1)
     return float((off_blend <= 24).mean()) >= TEXT_ON_BLEND
+
+
+def neighbour_correlation(value: np.ndarray) -> float:
+    """The larger of the correlations of a 2-D array with its neighbour across and its neighbour down
+    (1.0 where a direction does not vary)."""
+    value = value.astype(np.float64)
+    found = []
+    for first, second in ((value[:, :-1], value[:, 1:]), (value[:-1], value[1:])):
+        first, second = first - first.mean(), second - second.mean()
+        spread = float(np.sqrt((first * first).sum() * (second * second).sum()))
+        found.append(float((first * second).sum()) / spread if spread else 1.0)
+    return max(found)
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -142,6 +159,26 @@ class LoadedImage:
         """Next to nothing in it (a flat colour, a blank page): the spread of its luma is under
         FEATURELESS_SPREAD grey levels. No pixel expert can examine such an image, so none may clear it."""
         return float(luma(self.pixels[::4, ::4]).std()) < FEATURELESS_SPREAD  # a sample: 50 MP stays cheap
+
+    @cached_property
+    def noise_only(self) -> bool:
+        """Random noise, not a scene: neighbouring pixels are unrelated (`neighbour_correlation` under
+        NOISE_CORRELATION), as in no photograph, drawing or generated image. Measured on full-resolution
+        pixels of at most 512 px square at the centre, so 50 MP stays cheap."""
+        top, left = max(0, (self.height - 512) // 2), max(0, (self.width - 512) // 2)
+        centre = self.pixels[top : top + 512, left : left + 512]
+        return min(centre.shape[:2]) >= 2 and neighbour_correlation(luma(centre)) < NOISE_CORRELATION
+
+    @property
+    def nothing_to_examine(self) -> str | None:
+        """Why no pixel expert can examine this image (what it is, for their answers), or None."""
+        if self.featureless:
+            return "nearly one flat colour, so there is no detail"
+        if self.noise_only:
+            return (
+                "random noise (neighbouring pixels are unrelated, as in no photograph), so there is no scene"
+            )
+        return None
 
     @cached_property
     def graphic(self) -> bool:

@@ -493,7 +493,7 @@ MASK_MIN_SCORE = 0.05  # double-quantisation regions with less evidence (~4 nats
 @dataclass(frozen=True)
 class JpegCompression:
     name = "jpeg"
-    version = "2"  # 2: declines a featureless image
+    version = "3"  # 2: declines a featureless image; 3: or random noise
     description = (
         "JPEG compression history: marks regions that were not double-compressed like the rest of the "
         "image, are blocky on a shifted 8x8 grid, or leave a different JPEG ghost."
@@ -510,8 +510,8 @@ class JpegCompression:
                 f"{MIN_SIDE}x{MIN_SIDE} pixels.",
                 self.version,
             )
-        if image.featureless:
-            return nothing_to_examine(self.name, self.version)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         jpeg_luma = decoded_luma(image)
         luma = image.gray if jpeg_luma is None else jpeg_luma
         stride = max(1, math.ceil(math.sqrt((height // 8) * (width // 8) / MAX_BLOCKS)))

@@ -280,7 +280,8 @@ class ManipulationLocaliser:
     name = "manipulation"
     # 2: works at 384 px (was 512); 3: the summary states the score once; 4: no thumbnails; 5: declines a
     # featureless image; 6: declines a graphic; 7: also flat colours with antialiased edges, or text
-    version = "7"
+    # 8: declines random noise
+    version = "8"
     description = (
         "Learned manipulation localiser: a small neural network, trained on spliced, copied, removed and "
         "retouched regions, that maps where the photo was edited and scores how likely an edit is."
@@ -316,8 +317,8 @@ class ManipulationLocaliser:
                 f"{working_short:.0f} px (it needs at least {self.min_working_side}).",
                 self.version,
             )
-        if image.featureless:
-            return nothing_to_examine(self.name, self.version)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         if image.graphic:
             return graphic_declined(
                 self.name,

@@ -108,7 +108,7 @@ def measure_noise(pixels: np.ndarray, block: int, edge_percentile: float) -> Noi
 @dataclass(frozen=True)
 class NoiseInconsistency:
     name = "noise"
-    version = "2"  # 2: declines a featureless image
+    version = "3"  # 2: declines a featureless image; 3: or random noise
     description = (
         "Noise inconsistency: maps the local noise level (luma and colour), allowing for brightness and "
         "texture, and marks a region whose noise is clearly higher or lower than the rest of the image."
@@ -136,8 +136,8 @@ class NoiseInconsistency:
                 f"pixels; it needs at least {3 * self.block} on each side).",
                 self.version,
             )
-        if image.featureless:
-            return nothing_to_examine(self.name, self.version)
+        if what := image.nothing_to_examine:
+            return nothing_to_examine(self.name, self.version, what)
         levels = measure_noise(pixels, self.block, self.edge_percentile)
         if levels.reliable.sum() < self.min_blocks:
             return not_applicable(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from imaging import texture
 
 from experts import get_expert, load_image
 from experts.ai_generated import MIN_SIDE, THRESHOLD, grid_positions, npr_patches
@@ -44,9 +45,8 @@ def test_pristine_kodak_photos_score_low(expert, shared_data):
 
 
 def test_evidence_contract_on_a_tiny_and_a_wide_image(expert):
-    rng = np.random.default_rng(0)
     for height, width in ((32, 32), (300, 1100)):
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        pixels = texture((height, width))
         evidence = expert.analyze(load_image(pixels))
         assert evidence.applicable and 0.0 <= evidence.score <= 1.0
         assert evidence.heatmap.shape == (height, width) and evidence.heatmap.dtype == np.float32
@@ -135,7 +135,7 @@ def test_a_thumbnail_is_judged_alike_as_stored_and_mirrored(expert, shared_data)
     mirror = expert.analyze(load_image(np.ascontiguousarray(pixels[:, ::-1])))
     assert stored.score == pytest.approx(mirror.score, abs=1e-4)
     assert np.allclose(stored.heatmap, mirror.heatmap[:, ::-1], atol=1e-4)
-    wide = np.random.default_rng(1).integers(0, 256, (48, 200, 3), dtype=np.uint8)
+    wide = texture((48, 200), seed=1)
     stored, mirror = (
         expert.analyze(load_image(wide)),
         expert.analyze(load_image(np.ascontiguousarray(wide[:, ::-1]))),

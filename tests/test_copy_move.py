@@ -8,7 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from imaging import jpeg_bytes, png_bytes
+from imaging import jpeg_bytes, png_bytes, texture
 
 from experts.copy_move import CopyMove
 from experts.image import load_image
@@ -233,7 +233,7 @@ def test_tiny_image_is_not_applicable():
 
 @pytest.mark.parametrize("shape", [(32, 32), (40, 1500), (300, 400)])
 def test_edge_shapes_give_evidence_at_full_size(shape):
-    pixels = np.random.default_rng(1).integers(0, 255, (*shape, 3)).astype(np.uint8)
+    pixels = texture(shape, seed=1)
     evidence = EXPERT.analyze(load_image(pixels))
     assert evidence.applicable and evidence.score < 0.5
     assert evidence.heatmap.shape == shape and evidence.mask.shape == shape

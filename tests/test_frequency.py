@@ -131,7 +131,7 @@ def test_small_and_featureless_images():
     small = analyze(encode(photo()[:80, :100]))  # 64-pixel tiles below 128 px
     assert small.applicable and small.details["tile_size"] == 64
     flat = analyze(encode(np.full((256, 256, 3), 90, np.uint8)))
-    assert not flat.applicable and "no fine detail" in flat.summary
+    assert not flat.applicable and "flat colour" in flat.summary
 
 
 def test_score_mapping_is_a_capped_hint():

@@ -86,6 +86,20 @@ def test_a_featureless_image_is_uncertain_not_cleared():
     assert not photo.featureless  # a faint gradient with texture is still examined
 
 
+def test_random_noise_is_uncertain_not_cleared():
+    """Noise has no scene: the pixel experts' silence on it (and a face BlazeFace found in it) must not
+    clear it; before they declined it, this image was "authentic" at 0.02."""
+    from assistant.analysis import analyze
+    from experts import load_image
+
+    noise = np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8)
+    analysis = analyze(load_image(noise))
+    assert analysis.verdict.label == "uncertain"
+    for name in ("ela", "noise", "jpeg", "copy_move", "frequency", "manipulation", "ai_generated", "faces"):
+        evidence = analysis.evidence_for(name)
+        assert not evidence.applicable and "random noise" in evidence.summary, name
+
+
 def test_too_little_evidence_is_uncertain_not_authentic():
     verdict = fuse([evidence("ela", None)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None

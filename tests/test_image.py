@@ -362,3 +362,43 @@ def test_a_screenshot_of_text_is_a_graphic_even_as_a_jpeg():
     )
     assert load_image(encode(Image.fromarray(post), "JPEG", quality=85)).graphic
     assert not load_image(data.page()).graphic and not load_image(data.text()).graphic
+
+
+@pytest.mark.parametrize("quality", [None, 95, 75, 30])
+def test_random_noise_is_no_scene_as_stored_and_re_saved(quality):
+    """Neighbouring pixels of random noise are unrelated, as in no photograph or drawing."""
+    noise = np.random.default_rng(quality or 0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    image = load_image(noise if quality is None else encode(Image.fromarray(noise), "JPEG", quality=quality))
+    assert image.noise_only and "random noise" in image.nothing_to_examine
+
+
+def test_photos_textures_and_thumbnails_are_not_noise():
+    """Grass, gravel, a texture and a 32 px thumbnail keep their neighbours related; so does an image
+    only partly noisy (a region replaced by noise is something for the experts to find)."""
+    from skimage import data
+
+    grass, gravel = data.grass(), data.gravel()
+    partly = data.astronaut().copy()
+    partly[:, :300] = np.random.default_rng(0).integers(0, 256, (512, 300, 3), dtype=np.uint8)
+    for scene in (grass, gravel, data.brick(), data.rocket()[50:82, 50:82], partly):
+        image = load_image(np.ascontiguousarray(scene))
+        assert not image.noise_only and image.nothing_to_examine is None
+
+
+def test_no_image_of_the_data_sets_is_noise_and_the_least_related_not_halved(shared_data):
+    """Every image of ../shared/data as stored, and halved the least correlated ones (CASIA's fine
+    textures at 0.24, a CIFAKE thumbnail): neighbouring pixels related."""
+    import csv
+
+    with open(shared_data / "manifest.csv", newline="") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle)]
+    assert len(paths) > 2800
+    assert not [path for path in paths if load_image(shared_data / path).noise_only]
+    for path in (
+        "casia1/Au/Au_txt_0058.jpg",
+        "casia1/Au/Au_txt_0062.jpg",
+        "ai_generated/cifake/fake_sd14/4862_9.jpg",
+    ):
+        image = Image.open(shared_data / path).convert("RGB")
+        halved = image.resize((image.width // 2, image.height // 2), Image.BICUBIC)
+        assert not load_image(np.asarray(halved)).noise_only

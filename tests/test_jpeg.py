@@ -9,7 +9,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from imaging import decode, iou, jpeg_bytes, png_bytes
+from imaging import decode, iou, jpeg_bytes, png_bytes, texture
 from PIL import Image
 
 from experts import samples
@@ -170,7 +170,7 @@ def test_output_shapes_types_and_determinism(expert, splice_result):
 
 
 def test_odd_sized_and_flat_images(expert):
-    odd = np.random.default_rng(1).integers(0, 255, (77, 101, 3), dtype=np.uint8)
+    odd = texture((77, 101), seed=1)
     evidence = expert.analyze(load_image(jpeg_bytes(odd, 80)))
     assert evidence.heatmap.shape == (77, 101) and evidence.mask.shape == (77, 101)
     flat = expert.analyze(load_image(jpeg_bytes(np.full((64, 64, 3), 200, np.uint8), 90)))

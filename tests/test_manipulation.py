@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from imaging import iou, jpeg_bytes
+from imaging import iou, jpeg_bytes, texture
 
 from experts import load_image
 from experts.base import ModelNotAvailableError
@@ -73,7 +73,7 @@ def test_evidence_contract(held_out_splice):
 
 
 def test_large_image_is_shrunk_to_the_working_size():
-    pixels = np.random.default_rng(0).integers(0, 256, (700, 1400, 3), dtype=np.uint8)
+    pixels = texture((700, 1400))
     evidence = ManipulationLocaliser(working_side=256).analyze(load_image(pixels))
     assert evidence.details["working_size"] == [256, 128]
     assert evidence.heatmap.shape == (700, 1400)
@@ -87,7 +87,7 @@ def test_tiny_image_is_not_applicable():
 
 def test_a_thumbnail_is_left_to_the_experts_made_for_it():
     """On CIFAKE's 32 px images the network's score is noise that read as editing evidence."""
-    thumbnail = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    thumbnail = texture((64, 96))
     evidence = ManipulationLocaliser().analyze(load_image(thumbnail))
     assert not evidence.applicable and "trained on photos" in evidence.summary
     assert ManipulationLocaliser().analyze(load_image(np.resize(thumbnail, (65, 96, 3)))).applicable
