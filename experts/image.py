@@ -35,9 +35,9 @@ except ImportError:  # pragma: no cover - a partial install: HEIF files get the 
     pass
 FEATURELESS_SPREAD = 2.0  # luma std; the least varied image in ../shared/data has 13
 # Correlation of neighbouring pixels' luma (the larger of across and down) below which an image is random
-# noise, not a scene: noise gives 0.00 as stored and -0.04-0.01 re-saved at JPEG 30-100; the 2,890 images
-# of ../shared/data at least 0.44 as stored (a CASIA texture; 32x32 CIFAKE thumbnails 0.67) and 0.24
-# halved (noise halved: 0.16, judged as an image).
+# noise, not a scene: noise gives 0.00 as stored and -0.04 to 0.01 re-saved at JPEG 30-100; the 2,891
+# images of ../shared/data at least 0.44 as stored (a CASIA texture; 32x32 CIFAKE thumbnails 0.67) and
+# 0.24 halved (noise halved: 0.16, judged as an image).
 NOISE_CORRELATION = 0.1
 GRAPHIC_LEVELS = 32  # distinct green levels below which an image is a graphic, not a photo
 # ... or the share of its pixels that its GRAPHIC_COLOURS most frequent exact colours cover, at or above
@@ -86,12 +86,12 @@ def is_graphic(rgb: np.ndarray) -> bool:
     return float((off_blend <= 24).mean()) >= TEXT_ON_BLEND
 
 
-def neighbour_correlation(value: np.ndarray) -> float:
-    """The larger of the correlations of a 2-D array with its neighbour across and its neighbour down
-    (1.0 where a direction does not vary)."""
-    value = value.astype(np.float64)
+def neighbour_correlation(rows: np.ndarray, columns: np.ndarray) -> float:
+    """The larger of two correlations: of 2-D `rows` with each value's neighbour across, and of 2-D
+    `columns` with each value's neighbour down (1.0 where a direction does not vary)."""
     found = []
-    for first, second in ((value[:, :-1], value[:, 1:]), (value[:-1], value[1:])):
+    rows, columns = rows.astype(np.float64), columns.astype(np.float64)
+    for first, second in ((rows[:, :-1], rows[:, 1:]), (columns[:-1], columns[1:])):
         first, second = first - first.mean(), second - second.mean()
         spread = float(np.sqrt((first * first).sum() * (second * second).sum()))
         found.append(float((first * second).sum()) / spread if spread else 1.0)
@@ -163,11 +163,14 @@ class LoadedImage:
     @cached_property
     def noise_only(self) -> bool:
         """Random noise, not a scene: neighbouring pixels are unrelated (`neighbour_correlation` under
-        NOISE_CORRELATION), as in no photograph, drawing or generated image. Measured on full-resolution
-        pixels of at most 512 px square at the centre, so 50 MP stays cheap."""
-        top, left = max(0, (self.height - 512) // 2), max(0, (self.width - 512) // 2)
-        centre = self.pixels[top : top + 512, left : left + 512]
-        return min(centre.shape[:2]) >= 2 and neighbour_correlation(luma(centre)) < NOISE_CORRELATION
+        NOISE_CORRELATION), as in no photograph, drawing or generated image. Over the whole image (a
+        photo partly replaced by noise is a scene), on about 256 of its rows and 256 of its columns at
+        full resolution, so 50 MP stays cheap."""
+        if min(self.height, self.width) < 2:
+            return False
+        step = max(1, min(self.height, self.width) // 256)
+        rows, columns = luma(self.pixels[::step]), luma(self.pixels[:, ::step])
+        return neighbour_correlation(rows, columns) < NOISE_CORRELATION
 
     @property
     def nothing_to_examine(self) -> str | None:
