@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experts.base import Evidence, Verdict
-from experts.fusion import GRAPHIC_RULE, HEAVY_COMPRESSION_RULE, NO_WITNESS_RULE
+from experts.fusion import GRAPHIC_RULE, HEAVY_COMPRESSION_RULE, NO_WITNESS_RULE, UNEXAMINED_RULE
 from experts.registry import available_experts
 
 # Experts whose summaries and details carry text read from the file (EXIF, XMP, PNG chunks, C2PA
@@ -466,15 +466,25 @@ NO_WITNESS_CAVEAT = (
 )
 
 
+# The caveat of a verdict on an image that fewer than two experts could examine (the fusion's rule).
+UNEXAMINED_CAVEAT = (
+    "The evidence is weak either way: fewer than two of the experts could examine this image (it may be "
+    "very small, nearly one flat colour or random noise), and their silence on it says nothing; treat "
+    "this result as uncertain."
+)
+
+
 def caveat_of(verdict: Verdict) -> str:
     """The closing caveat of a verdict: its label's, or why a fusion rule (a lone AI-image score, heavy
-    compression, a graphic, weak findings only) left it as it is."""
+    compression, a graphic, weak findings only, too little examined) left it as it is."""
     if verdict.rule == HEAVY_COMPRESSION_RULE and verdict.label in COMPRESSION_CAVEATS:
         return COMPRESSION_CAVEATS[verdict.label]
     if verdict.rule == GRAPHIC_RULE and verdict.label == "uncertain":
         return GRAPHIC_CAVEAT
     if verdict.rule == NO_WITNESS_RULE and verdict.label == "uncertain":
         return NO_WITNESS_CAVEAT
+    if verdict.rule == UNEXAMINED_RULE and verdict.label == "uncertain":
+        return UNEXAMINED_CAVEAT
     if verdict.label == "uncertain" and any(d.held for d in verdict.drivers):
         return HELD_CAVEAT
     return CAVEATS[verdict.label]

@@ -118,7 +118,8 @@ class Verdict:
     # The fusion's rule that bounded the verdict, if any: "lone_detector" (the AI-image detector's word
     # alone held on a photo), "heavy_compression" (a JPEG saved below quality 10: no accusation),
     # "graphic" (a chart, a drawing, a screenshot of text: not cleared), "no_witness" (weak findings
-    # only, none convinced on its own: no accusation).
+    # only, none convinced on its own: no accusation), "too_little_examined" (fewer than two experts
+    # examined the image, e.g. a tiny image, a flat colour, random noise: uncertain at 0.5).
     rule: str | None = None
 
     def __post_init__(self) -> None:

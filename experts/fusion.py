@@ -31,7 +31,9 @@ counts at its typical contribution on `val`, not as one that looked and found no
 examined leans neither way.
 
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. With fewer
-than MIN_EXPERTS_TO_CLEAR experts able to examine the image, nothing is cleared. On a photo (larger
+than MIN_EXPERTS_TO_CLEAR experts able to examine the image (a tiny image, a flat colour, random noise),
+nothing is cleared: the verdict is "uncertain" at 0.5 and names the rule (or the rule that held its
+evidence). On a photo (larger
 than a thumbnail) the AI-image detector alone cannot make the verdict "AI-generated": it is validated
 on thumbnails, not on photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so
 when the evidence against is mostly its own and no second expert points to synthesis, its
@@ -89,7 +91,7 @@ WITNESS_SCORE = 0.5
 # localiser at 0.6-0.8 with weak company from accusing a photo unlike CASIA's (fusion card).
 WITNESS_SCORES = {"manipulation": 0.8}
 LONE_DETECTOR_RULE, HEAVY_COMPRESSION_RULE, GRAPHIC_RULE = "lone_detector", "heavy_compression", "graphic"
-NO_WITNESS_RULE = "no_witness"
+NO_WITNESS_RULE, UNEXAMINED_RULE = "no_witness", "too_little_examined"
 
 # Provenance in log-odds: tampered or forged provenance prosecutes; intact provenance defends, by at
 # most half of the evidence against when there is some.
@@ -318,7 +320,7 @@ def fuse(
     low, high = band
     if len(examined) < MIN_EXPERTS_TO_CLEAR and probability <= high:
         # Too little could be measured (e.g. a 1x1 image) to clear or accuse: no evidence either way.
-        return Verdict("uncertain", 0.5, tuple(drivers), None, band, rule)
+        return Verdict("uncertain", 0.5, tuple(drivers), None, band, rule or UNEXAMINED_RULE)
     if probability < low and any(e.details.get("graphic") for e in evidence):
         probability, rule = low, GRAPHIC_RULE  # not cleared: see the module docstring
     if probability < low:

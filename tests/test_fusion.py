@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from imaging import texture
 
 from experts.base import Evidence
 from experts.fusion import HAND_SET, PHOTO, THUMBNAIL, FusionModel, ImageModel, context_of, fuse, fusion_model
@@ -94,15 +95,18 @@ def test_random_noise_is_uncertain_not_cleared():
 
     noise = np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8)
     analysis = analyze(load_image(noise))
-    assert analysis.verdict.label == "uncertain"
+    assert analysis.verdict.label == "uncertain" and analysis.verdict.rule == "too_little_examined"
     for name in ("ela", "noise", "jpeg", "copy_move", "frequency", "manipulation", "ai_generated", "faces"):
         evidence = analysis.evidence_for(name)
         assert not evidence.applicable and "random noise" in evidence.summary, name
 
 
 def test_too_little_evidence_is_uncertain_not_authentic():
+    from experts.fusion import UNEXAMINED_RULE
+
     verdict = fuse([evidence("ela", None)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5 and verdict.mask is None
+    assert verdict.rule == UNEXAMINED_RULE
     verdict = fuse([evidence("ela", None), evidence("metadata", 0.0)], SHAPE, MODEL)
     assert verdict.label == "uncertain" and verdict.probability == 0.5
 
@@ -214,12 +218,11 @@ def test_a_partial_analysis_of_a_heavily_compressed_jpeg_names_the_rule(tmp_path
     from PIL import Image
 
     from assistant.analysis import analyze
-    from experts.fusion import HEAVY_COMPRESSION_RULE
+    from experts.fusion import HEAVY_COMPRESSION_RULE, UNEXAMINED_RULE
     from experts.image import load_image
 
-    rng = np.random.default_rng(0)
-    pixels = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
-    for quality, rule in ((5, HEAVY_COMPRESSION_RULE), (90, None)):
+    pixels = texture((96, 128))  # one expert examines it: the rule that held its evidence, else too little
+    for quality, rule in ((5, HEAVY_COMPRESSION_RULE), (90, UNEXAMINED_RULE)):
         Image.fromarray(pixels).save(tmp_path / f"q{quality}.jpg", quality=quality)
         image = load_image(tmp_path / f"q{quality}.jpg")
         assert abs(image.last_jpeg_quality - quality) <= 1

@@ -240,6 +240,19 @@ def test_an_uncleared_graphic_says_why() -> None:
     assert caveat_of(Verdict("uncertain", 0.35, (), None, band)) == CAVEATS["uncertain"]
 
 
+def test_too_little_examined_says_why() -> None:
+    """Noise, a flat colour or a tiny image: the answer says the experts' silence means nothing."""
+    from assistant.grounding import UNEXAMINED_CAVEAT, caveat_of, compose_answer
+    from experts.fusion import UNEXAMINED_RULE
+
+    verdict = Verdict("uncertain", 0.5, (), None, (0.35, 0.65), UNEXAMINED_RULE)
+    assert caveat_of(verdict) == UNEXAMINED_CAVEAT
+    declined = Evidence("manipulation", None, False, "The image is random noise, so there is no scene.")
+    text = compose_answer(verdict, [declined], [], "Is this fake?", image_id="image_1")
+    assert UNEXAMINED_CAVEAT in text
+    assert check_answer(text, verdict, [declined], [], require_verdict=True) == []
+
+
 def test_weak_findings_held_by_the_fusion_say_why() -> None:
     """The fusion's no-witness rule: an uncertain verdict says no expert was convinced on its own, in the
     composed answer too, and the answer checks."""
