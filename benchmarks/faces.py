@@ -9,6 +9,9 @@
 3. False positives of the whole expert on pristine photos (kodak, exif_samples, skimage_data and the
    CASIA v1 authentic `test` images): how many it calls fake (score >= 0.5), and the worst ones.
 4. Speed of the whole expert on a 1024x768 image with one face and on a 6000x4000 one.
+
+`--detector mtcnn` runs all four with MTCNN in place of BlazeFace (the expert's option; the classifier
+was trained on BlazeFace's crops).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from assistant.evaluate import default_manifest, read_manifest
 from assistant.metrics import roc_auc
-from experts.faces import DeepfakeFaces, classify_crops
+from experts.faces import FACE_DETECTORS, DeepfakeFaces, classify_crops
 from experts.image import load_image
 from finetune.faces import (
     BLENDED,
@@ -48,8 +51,11 @@ def normalised_scores(args: argparse.Namespace) -> None:
     cache = Path(args.out)
     test_items, test_labels = face_items("test")
     train_items, train_labels = face_items("train")
-    test_crops = read_face_crops(test_items, test_labels, cache / "crops_test.npz")
-    train_crops = read_face_crops(train_items, train_labels, cache / "crops_train.npz")
+    suffix = "" if args.detector == "blazeface" else f"_{args.detector}"
+    test_crops = read_face_crops(test_items, test_labels, cache / f"crops_test{suffix}.npz", args.detector)
+    train_crops = read_face_crops(
+        train_items, train_labels, cache / f"crops_train{suffix}.npz", args.detector
+    )
     print(
         f"faces aligned: test {int((test_crops.labels == REAL).sum())} real, "
         f"{int((test_crops.labels == GAN).sum())} StyleGAN (of {len(test_items)} files)"
@@ -86,7 +92,7 @@ def normalised_scores(args: argparse.Namespace) -> None:
 
 
 def false_positives(args: argparse.Namespace) -> None:
-    expert = DeepfakeFaces()
+    expert = DeepfakeFaces(detector=args.detector)
     items = read_manifest(default_manifest(), split="test", datasets=[*PRISTINE, "casia1"])
     items = [item for item in items if item.label == "authentic" or item.dataset in PRISTINE]
     rows = []
@@ -108,10 +114,10 @@ def false_positives(args: argparse.Namespace) -> None:
         print(f"    {evidence.score:.3f}  {item.path}  ({evidence.details['faces_found']} face(s))")
 
 
-def speed() -> None:
+def speed(detector: str) -> None:
     from skimage import data
 
-    expert = DeepfakeFaces()
+    expert = DeepfakeFaces(detector=detector)
     astronaut = data.astronaut()
     cases = {
         "1024x768, one face": cv2.resize(astronaut, (1024, 768), interpolation=cv2.INTER_CUBIC),
@@ -132,6 +138,7 @@ def speed() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/faces_bench", help="cache of aligned crops")
+    parser.add_argument("--detector", choices=FACE_DETECTORS, default="blazeface")
     parser.add_argument("--variants", type=int, default=4, help="normalised copies per test face")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--worst", type=int, default=8)
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.false_positives:
         false_positives(args)
     if args.speed:
-        speed()
+        speed(args.detector)
 
 
 if __name__ == "__main__":

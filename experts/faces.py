@@ -1,7 +1,11 @@
 """Deepfake faces: finds each face, aligns it the way FFHQ was aligned, and classifies the crop as a real
 face, a GAN-generated face or a face blended into its photo (face swap / reenactment). Detection is
 MediaPipe BlazeFace (Bazarevsky et al., "BlazeFace: Sub-millisecond Neural Face Detection on Mobile
-GPUs", CVPR workshops 2019); alignment follows the FFHQ recipe of Karras et al., "A Style-Based
+GPUs", CVPR workshops 2019) by default, or MTCNN (Zhang et al., "Joint Face Detection and Alignment
+using Multi-task Cascaded Convolutional Networks", IEEE SPL 2016; facenet-pytorch's weights) as an
+option: `DeepfakeFaces(detector="mtcnn")`, or FORENSICS_FACE_DETECTOR=mtcnn for the CLI, the app and
+the integrations. The classifier was trained on BlazeFace's alignment (`python -m benchmarks.faces
+--detector mtcnn` measures the other). Alignment follows the FFHQ recipe of Karras et al., "A Style-Based
 Generator Architecture for GANs", CVPR 2019, from BlazeFace's eye and mouth keypoints; the classifier
 is EfficientNet-Lite0 (ImageNet) with its last blocks fine-tuned on StyleGAN3 faces, real faces and
 self-blended faces after Shiohara & Yamasaki, "Detecting Deepfakes with Self-Blended Images", CVPR 2022
@@ -19,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -27,7 +31,14 @@ import cv2
 import numpy as np
 import torch
 
-from experts.base import Evidence, ModelNotAvailableError, Region, not_applicable, nothing_to_examine
+from experts.base import (
+    Evidence,
+    ExpertError,
+    ModelNotAvailableError,
+    Region,
+    not_applicable,
+    nothing_to_examine,
+)
 from experts.image import LoadedImage
 from experts.maps import working_copy
 
@@ -49,10 +60,15 @@ INSTALL_HINT = (
 )
 
 # BlazeFace keypoints, in MediaPipe's order: the subject's right eye (image left in a frontal photo),
-# left eye, nose tip, mouth centre, right ear tragion, left ear tragion.
+# left eye, nose tip, mouth centre, right ear tragion, left ear tragion. MTCNN's five landmarks (eyes,
+# nose, mouth corners) are mapped onto these: the mouth centre between its corners, the ears where the
+# box's sides meet the eyes' height.
 RIGHT_EYE, LEFT_EYE, NOSE, MOUTH, RIGHT_EAR, LEFT_EAR = range(6)
+FACE_DETECTORS = ("blazeface", "mtcnn")
+DETECTOR_ENV = "FORENSICS_FACE_DETECTOR"  # the default detector's name, for the CLI and the app
+MTCNN_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
 
-_DETECTORS: dict[int, Any] = {}
+_DETECTORS: dict[Any, Any] = {}
 _DETECTOR_LOCK = threading.Lock()  # MediaPipe graphs are not re-entrant: one image at a time
 _MODEL_LOCK = threading.Lock()
 
@@ -122,6 +138,38 @@ def _run_blazeface(rgb: np.ndarray, model_selection: int) -> list[tuple[float, n
     return found
 
 
+def _mtcnn():
+    """The process's MTCNN detector (facenet-pytorch, weights in its package); call with _DETECTOR_LOCK
+    held."""
+    if "mtcnn" not in _DETECTORS:
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError as exc:
+            raise ModelNotAvailableError(
+                f"the MTCNN face detector (facenet-pytorch) cannot be imported ({exc}); install it with "
+                f"`{MTCNN_HINT}`, or use the default detector, BlazeFace"
+            ) from exc
+        _DETECTORS["mtcnn"] = MTCNN(keep_all=True, device="cpu")
+    return _DETECTORS["mtcnn"]
+
+
+def _run_mtcnn(rgb: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(score, relative box x0 y0 x1 y1, relative keypoints (6, 2) in BlazeFace's order) per face."""
+    with _DETECTOR_LOCK, torch.inference_mode():
+        boxes, scores, landmarks = _mtcnn().detect(np.ascontiguousarray(rgb), landmarks=True)
+    if boxes is None:
+        return []
+    size = np.array([rgb.shape[1], rgb.shape[0]], np.float64)
+    found = []
+    for box, score, points in zip(boxes, scores, landmarks, strict=True):
+        box, points = np.asarray(box, np.float64), np.asarray(points, np.float64)  # object dtype: numpy 2
+        eyes, nose, corners = points[:2], points[2], points[3:]
+        ears = np.array([[box[0], eyes[0, 1]], [box[2], eyes[1, 1]]])
+        keypoints = np.vstack([eyes, nose, corners.mean(axis=0), ears]) / size
+        found.append((float(score), box / np.tile(size, 2), keypoints))
+    return found
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -131,17 +179,24 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def detect_faces(
-    pixels: np.ndarray, min_score: float = 0.6, max_side: int = 1024, min_eye_distance: float = 8.0
+    pixels: np.ndarray,
+    min_score: float = 0.6,
+    max_side: int = 1024,
+    min_eye_distance: float = 8.0,
+    detector: str = "blazeface",
 ) -> list[DetectedFace]:
-    """Faces in an RGB uint8 image, most confident first. BlazeFace looks at a 128 (short range) or 192
-    (full range) pixel copy anyway, so detection runs on a copy at most max_side pixels long; both models
-    run and overlapping boxes are merged. Faces whose eyes are under min_eye_distance pixels apart in the
-    original are too small to judge and are dropped."""
+    """Faces in an RGB uint8 image, most confident first, by `detector` (FACE_DETECTORS). BlazeFace looks
+    at a 128 (short range) or 192 (full range) pixel copy anyway, so detection runs on a copy at most
+    max_side pixels long; both BlazeFace models run and overlapping boxes are merged. Faces whose eyes
+    are under min_eye_distance pixels apart in the original are too small to judge and are dropped."""
     height, width = pixels.shape[:2]
     if min(height, width) < 16:
         return []
     small, _ = working_copy(pixels, max_side * max_side * min(height, width) // max(height, width))
-    candidates = _run_blazeface(small, 0) + _run_blazeface(small, 1)
+    if detector == "mtcnn":
+        candidates = _run_mtcnn(small)
+    else:
+        candidates = _run_blazeface(small, 0) + _run_blazeface(small, 1)
     candidates.sort(key=lambda c: -c[0])
     kept: list[tuple[float, np.ndarray, np.ndarray]] = []
     for candidate in candidates:
@@ -300,15 +355,25 @@ class DeepfakeFaces:
         "Deepfake faces: finds faces, aligns them and judges each one real, GAN-generated or blended into "
         "the photo (face swap), with a box and probability per face."
     )
-    min_score: float = 0.6  # BlazeFace confidence a detection needs
+    min_score: float = 0.6  # the detector's confidence a detection needs
     max_faces: int = 8  # the most confident faces are judged; the rest are listed as not judged
     min_eye_distance: float = 12.0  # pixels; smaller faces carry too little detail to judge
     flip_average: bool = True  # average the classifier over the crop and its mirror image
+    detector: str = field(default_factory=lambda: os.environ.get(DETECTOR_ENV) or "blazeface")
+
+    def __post_init__(self) -> None:
+        if self.detector not in FACE_DETECTORS:
+            raise ExpertError(
+                f"unknown face detector {self.detector!r} (from {DETECTOR_ENV} or detector=); "
+                f"choose one of {', '.join(FACE_DETECTORS)}"
+            )
 
     def analyze(self, image: LoadedImage) -> Evidence:
         if what := image.nothing_to_examine:
             return nothing_to_examine(self.name, self.version, what, faces=[])
-        faces = detect_faces(image.pixels, self.min_score, min_eye_distance=self.min_eye_distance)
+        faces = detect_faces(
+            image.pixels, self.min_score, min_eye_distance=self.min_eye_distance, detector=self.detector
+        )
         if not faces:
             return not_applicable(
                 self.name,
@@ -366,6 +431,7 @@ class DeepfakeFaces:
             "faces": listed,
             "faces_found": found,
             "faces_judged": len(faces),
+            "detector": self.detector,
         }
         return Evidence(
             expert=self.name,

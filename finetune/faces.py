@@ -70,9 +70,11 @@ class FaceCrops:
         )
 
 
-def crop_largest_face(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def crop_largest_face(
+    pixels: np.ndarray, detector: str = "blazeface"
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The aligned crop of the largest face (by eye distance) and its keypoints in crop coordinates."""
-    faces = detect_faces(pixels)
+    faces = detect_faces(pixels, detector=detector)
     if not faces:
         return None
     face = max(faces, key=lambda f: f.eye_distance)
@@ -80,16 +82,18 @@ def crop_largest_face(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     return crop, transform_points(matrix, face.keypoints)
 
 
-def read_face_crops(items: Sequence, labels: Sequence[int], cache: Path | None = None) -> FaceCrops:
-    """Detect and align the largest face of each manifest item (items without a face are skipped and
-    logged); cached as .npz when `cache` is given."""
+def read_face_crops(
+    items: Sequence, labels: Sequence[int], cache: Path | None = None, detector: str = "blazeface"
+) -> FaceCrops:
+    """Detect (with `detector`) and align the largest face of each manifest item (items without a face
+    are skipped and logged); cached as .npz when `cache` is given."""
     if cache is not None and cache.is_file():
         return FaceCrops.load(cache)
     from finetune.data import read_rgb
 
     crops, keypoints, kept_labels, paths, faceless = [], [], [], [], []
     for item, label in tqdm(list(zip(items, labels, strict=True)), desc="faces", leave=False):
-        found = crop_largest_face(read_rgb(item.file))
+        found = crop_largest_face(read_rgb(item.file), detector)
         if found is None:
             faceless.append(item.path)
             continue

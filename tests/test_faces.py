@@ -30,6 +30,32 @@ def astronaut_evidence(astronaut):
     return get_expert("faces").analyze(load_image(astronaut))
 
 
+def test_mtcnn_is_the_option_that_finds_the_same_face(astronaut, monkeypatch):
+    """detector="mtcnn" (or FORENSICS_FACE_DETECTOR=mtcnn) finds the astronaut's face where BlazeFace does,
+    with its eyes and mouth mapped onto BlazeFace's keypoints; an unknown detector is refused."""
+    from experts.base import ExpertError
+    from experts.faces import DETECTOR_ENV, MOUTH, NOSE, DeepfakeFaces
+
+    blaze, mtcnn = (detect_faces(astronaut, detector=name) for name in ("blazeface", "mtcnn"))
+    assert len(blaze) == len(mtcnn) == 1
+    (b,), (m,) = blaze, mtcnn
+    overlap = [
+        max(b.bbox[0], m.bbox[0]),
+        max(b.bbox[1], m.bbox[1]),
+        min(b.bbox[2], m.bbox[2]),
+        min(b.bbox[3], m.bbox[3]),
+    ]
+    assert overlap[2] - overlap[0] > 60 and overlap[3] - overlap[1] > 60
+    for point in (RIGHT_EYE, LEFT_EYE, NOSE, MOUTH):
+        assert np.hypot(*(b.keypoints[point] - m.keypoints[point])) < 0.25 * b.eye_distance, point
+    monkeypatch.setenv(DETECTOR_ENV, "mtcnn")
+    evidence = get_expert("faces").analyze(load_image(astronaut))
+    assert evidence.details["detector"] == "mtcnn" and evidence.details["faces_found"] == 1
+    assert evidence.score < 0.5
+    with pytest.raises(ExpertError, match="unknown face detector"):
+        DeepfakeFaces(detector="haar")
+
+
 def test_finds_the_astronauts_face(astronaut_evidence):
     assert astronaut_evidence.applicable
     assert astronaut_evidence.details["faces_found"] == 1
