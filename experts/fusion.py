@@ -33,8 +33,8 @@ examined leans neither way.
 Inside the uncertain band the label is "uncertain": weak evidence is reported as weak. With fewer
 than MIN_EXPERTS_TO_CLEAR experts able to examine the image (a tiny image, a flat colour, random noise),
 nothing is cleared: the verdict is "uncertain" at 0.5 and names the rule (or the rule that held its
-evidence). On a photo (larger
-than a thumbnail) the AI-image detector alone cannot make the verdict "AI-generated": it is validated
+evidence). On a photo (larger than a thumbnail) the AI-image detector alone cannot make the verdict
+"AI-generated": it is validated
 on thumbnails, not on photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so
 when the evidence against is mostly its own and no second expert points to synthesis, its
 contribution stops at the uncertain band's upper edge. (Beside editing evidence that outweighs it, it
