@@ -34,9 +34,9 @@ Inside the uncertain band the label is "uncertain": weak evidence is reported as
 than MIN_EXPERTS_TO_CLEAR experts able to examine the image (a tiny image, a flat colour, random noise),
 nothing is cleared: the verdict is "uncertain" at 0.5 and names the rule (or the rule that held its
 evidence). On a photo (larger than a thumbnail) the AI-image detector alone cannot make the verdict
-"AI-generated": it is validated
-on thumbnails, not on photos from cameras it never saw (experts/weights/ai_generated.md, "Limits"), so
-when the evidence against is mostly its own and no second expert points to synthesis, its
+"AI-generated": it is validated on thumbnails, not on photos from cameras it never saw
+(experts/weights/ai_generated.md, "Limits"), so when the evidence against is mostly its own and no
+second expert points to synthesis, its
 contribution stops at the uncertain band's upper edge. (Beside editing evidence that outweighs it, it
 still counts as fitted.) A JPEG last saved below HEAVY_COMPRESSION_BELOW is compressed so hard that its
 block artefacts swamp every detector's traces: there all evidence against but provenance stops at that
