@@ -1,6 +1,7 @@
 """Printed text and copy-move (stop 36): are a page's repeated words taken for clones?
 
-    .venv/bin/python -m benchmarks.printed_pages [--seeds 0-149] [--font PATH] [--casia]
+    .venv/bin/python -m benchmarks.printed_pages [--seeds 0-149] [--font PATH] [--casia [--resize F]
+        [--jpeg-quality Q]]
 
 A photographed page repeats its words ("the", "of", a name), and copy-move, which looks for a region
 found twice, took them for clones. This draws photographed pages (`drawn_page`: words from a short
@@ -10,7 +11,8 @@ and counts the pages copy-move scores 0.5 or more, and those where it set repeat
 (`experts/copy_move.py`, LETTER_*) was chosen on; other seeds and another font (`--font
 /usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf`) are held out. `--casia` also runs copy-move on CASIA
 v1 `train` and `val` and counts the images where a duplication was set aside as printed words (real
-clones must not be). Never reads `test`.
+clones must not be), as stored or handled as `forensics eval` handles them (`--resize 0.5`: area
+interpolation, saved as PNG; `--jpeg-quality Q`). Never reads `test`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from assistant.evaluate import default_manifest, read_manifest
+from assistant.evaluate import default_manifest, read_manifest, transform_image
 from experts import load_image
 from experts.copy_move import CopyMove
 
@@ -93,6 +95,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-149", help="first-last seed of the drawn pages")
     parser.add_argument("--font", default=None, help="a TrueType font file (default: Pillow's own)")
     parser.add_argument("--casia", action="store_true", help="also CASIA v1 train and val")
+    parser.add_argument("--resize", type=float, default=None, help="CASIA images resized by this factor")
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=None, help="CASIA images re-saved at this quality"
+    )
     args = parser.parse_args()
     first, last = (int(part) for part in args.seeds.split("-"))
     expert = CopyMove()
@@ -112,10 +118,16 @@ def main() -> None:
         items = [item for item in items if item.split in ("train", "val")]
         touched = []
         for item in items:
-            evidence = expert.analyze(load_image(item.file))
+            image = transform_image(load_image(item.file), args.jpeg_quality, args.resize)
+            evidence = expert.analyze(image)
             if evidence.details.get("printed_words_not_counted", 0):
                 touched.append(f"{item.path} ({item.label}, copy-move {evidence.score:.2f})")
-        print(f"CASIA v1 train+val: {len(items)} images, printed words set aside on {len(touched)}")
+        handled = (
+            f" (resize {args.resize}, JPEG quality {args.jpeg_quality})"
+            if args.resize or args.jpeg_quality
+            else ""
+        )
+        print(f"CASIA v1 train+val{handled}: {len(items)} images, printed words set aside on {len(touched)}")
         for line in touched:
             print("  " + line)
 
