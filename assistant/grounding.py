@@ -474,17 +474,21 @@ UNEXAMINED_CAVEAT = (
 )
 
 
+# The caveat of an uncertain verdict, by the fusion rule that made it uncertain.
+UNCERTAIN_RULE_CAVEATS = {
+    GRAPHIC_RULE: GRAPHIC_CAVEAT,
+    NO_WITNESS_RULE: NO_WITNESS_CAVEAT,
+    UNEXAMINED_RULE: UNEXAMINED_CAVEAT,
+}
+
+
 def caveat_of(verdict: Verdict) -> str:
     """The closing caveat of a verdict: its label's, or why a fusion rule (a lone AI-image score, heavy
     compression, a graphic, weak findings only, too little examined) left it as it is."""
     if verdict.rule == HEAVY_COMPRESSION_RULE and verdict.label in COMPRESSION_CAVEATS:
         return COMPRESSION_CAVEATS[verdict.label]
-    if verdict.rule == GRAPHIC_RULE and verdict.label == "uncertain":
-        return GRAPHIC_CAVEAT
-    if verdict.rule == NO_WITNESS_RULE and verdict.label == "uncertain":
-        return NO_WITNESS_CAVEAT
-    if verdict.rule == UNEXAMINED_RULE and verdict.label == "uncertain":
-        return UNEXAMINED_CAVEAT
+    if verdict.label == "uncertain" and verdict.rule in UNCERTAIN_RULE_CAVEATS:
+        return UNCERTAIN_RULE_CAVEATS[verdict.rule]
     if verdict.label == "uncertain" and any(d.held for d in verdict.drivers):
         return HELD_CAVEAT
     return CAVEATS[verdict.label]
