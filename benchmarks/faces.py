@@ -26,7 +26,7 @@ import numpy as np
 
 from assistant.evaluate import default_manifest, read_manifest
 from assistant.metrics import roc_auc
-from experts.faces import FACE_DETECTORS, DeepfakeFaces, classify_crops
+from experts.faces import DEFAULT_DETECTOR, FACE_DETECTORS, DeepfakeFaces, classify_crops
 from experts.image import load_image
 from finetune.faces import (
     BLENDED,
@@ -51,7 +51,7 @@ def normalised_scores(args: argparse.Namespace) -> None:
     cache = Path(args.out)
     test_items, test_labels = face_items("test")
     train_items, train_labels = face_items("train")
-    suffix = "" if args.detector == "blazeface" else f"_{args.detector}"
+    suffix = "" if args.detector == DEFAULT_DETECTOR else f"_{args.detector}"
     test_crops = read_face_crops(test_items, test_labels, cache / f"crops_test{suffix}.npz", args.detector)
     train_crops = read_face_crops(
         train_items, train_labels, cache / f"crops_train{suffix}.npz", args.detector
@@ -138,7 +138,7 @@ def speed(detector: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/faces_bench", help="cache of aligned crops")
-    parser.add_argument("--detector", choices=FACE_DETECTORS, default="blazeface")
+    parser.add_argument("--detector", choices=FACE_DETECTORS, default=DEFAULT_DETECTOR)
     parser.add_argument("--variants", type=int, default=4, help="normalised copies per test face")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--worst", type=int, default=8)

@@ -64,8 +64,8 @@ INSTALL_HINT = (
 # nose, mouth corners) are mapped onto these: the mouth centre between its corners, the ears where the
 # box's sides meet the eyes' height.
 RIGHT_EYE, LEFT_EYE, NOSE, MOUTH, RIGHT_EAR, LEFT_EAR = range(6)
-FACE_DETECTORS = ("blazeface", "mtcnn")
-DETECTOR_ENV = "FORENSICS_FACE_DETECTOR"  # the default detector's name, for the CLI and the app
+DEFAULT_DETECTOR = "blazeface"
+DETECTOR_ENV = "FORENSICS_FACE_DETECTOR"  # another detector's name (FACE_DETECTORS), for the CLI and the app
 MTCNN_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
 
 _DETECTORS: dict[Any, Any] = {}
@@ -170,6 +170,16 @@ def _run_mtcnn(rgb: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
     return found
 
 
+def _run_both_blazefaces(rgb: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """BlazeFace's short- and full-range detections together (overlaps are merged by the caller)."""
+    return _run_blazeface(rgb, 0) + _run_blazeface(rgb, 1)
+
+
+# The face detectors by name: each returns (score, relative box, relative keypoints) per candidate.
+_DETECTOR_RUNS = {DEFAULT_DETECTOR: _run_both_blazefaces, "mtcnn": _run_mtcnn}
+FACE_DETECTORS = tuple(_DETECTOR_RUNS)
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -183,7 +193,7 @@ def detect_faces(
     min_score: float = 0.6,
     max_side: int = 1024,
     min_eye_distance: float = 8.0,
-    detector: str = "blazeface",
+    detector: str = DEFAULT_DETECTOR,
 ) -> list[DetectedFace]:
     """Faces in an RGB uint8 image, most confident first, by `detector` (FACE_DETECTORS). BlazeFace looks
     at a 128 (short range) or 192 (full range) pixel copy anyway, so detection runs on a copy at most
@@ -193,10 +203,7 @@ def detect_faces(
     if min(height, width) < 16:
         return []
     small, _ = working_copy(pixels, max_side * max_side * min(height, width) // max(height, width))
-    if detector == "mtcnn":
-        candidates = _run_mtcnn(small)
-    else:
-        candidates = _run_blazeface(small, 0) + _run_blazeface(small, 1)
+    candidates = _DETECTOR_RUNS[detector](small)
     candidates.sort(key=lambda c: -c[0])
     kept: list[tuple[float, np.ndarray, np.ndarray]] = []
     for candidate in candidates:
@@ -359,7 +366,7 @@ class DeepfakeFaces:
     max_faces: int = 8  # the most confident faces are judged; the rest are listed as not judged
     min_eye_distance: float = 12.0  # pixels; smaller faces carry too little detail to judge
     flip_average: bool = True  # average the classifier over the crop and its mirror image
-    detector: str = field(default_factory=lambda: os.environ.get(DETECTOR_ENV) or "blazeface")
+    detector: str = field(default_factory=lambda: os.environ.get(DETECTOR_ENV) or DEFAULT_DETECTOR)
 
     def __post_init__(self) -> None:
         if self.detector not in FACE_DETECTORS:

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from experts.faces import (
+    DEFAULT_DETECTOR,
     FACE_SIZE,
     LEFT_EAR,
     LEFT_EYE,
@@ -71,7 +72,7 @@ class FaceCrops:
 
 
 def crop_largest_face(
-    pixels: np.ndarray, detector: str = "blazeface"
+    pixels: np.ndarray, detector: str = DEFAULT_DETECTOR
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The aligned crop of the largest face (by eye distance) and its keypoints in crop coordinates."""
     faces = detect_faces(pixels, detector=detector)
@@ -83,7 +84,7 @@ def crop_largest_face(
 
 
 def read_face_crops(
-    items: Sequence, labels: Sequence[int], cache: Path | None = None, detector: str = "blazeface"
+    items: Sequence, labels: Sequence[int], cache: Path | None = None, detector: str = DEFAULT_DETECTOR
 ) -> FaceCrops:
     """Detect (with `detector`) and align the largest face of each manifest item (items without a face
     are skipped and logged); cached as .npz when `cache` is given."""
